@@ -1,0 +1,52 @@
+"""Packaging for weaktr-hf: WeakTr (plain-ViT weakly-supervised semantic segmentation) for Hugging Face."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch / torchvision ranges admit the releases kept on the build machines' local disk
+# (torch 2.14.1, torchvision 0.29.1), so an install does not download gigabytes.
+install_requires = [
+    "torch>=2.4,<=2.14.1",
+    "torchvision>=0.19,<=0.29.1",
+    "transformers>=5.0,<6",
+    "safetensors>=0.4",
+    "huggingface-hub>=1.0",
+    "timm>=1.0",
+    "numpy>=1.24",
+    "pillow>=10.0",
+    "tqdm>=4.60",
+]
+
+extras_require = {
+    "train": [
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "pycocotools>=2.0.7",
+        "pydensecrf2>=1.1",
+        "tensorboard>=2.14",
+    ],
+    "dev": ["pytest>=8.0"],
+}
+extras_require["all"] = sorted({req for reqs in extras_require.values() for req in reqs})
+
+setup(
+    name="weaktr-hf",
+    version="0.1.0",
+    description="WeakTr weakly-supervised semantic segmentation with plain Vision Transformers, for Hugging Face",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"weaktr_hf": ["metrics/*.py", "model_cards/*.md"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

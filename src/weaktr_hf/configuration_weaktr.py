@@ -1,0 +1,199 @@
+"""WeakTr model configuration."""
+
+from transformers import PreTrainedConfig
+
+from .labels import VOC_CLASSES
+
+POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
+AAF_POOLINGS = ("max", "avg")
+LOSS_AVERAGES = ("all_pixels", "valid_pixels")
+
+
+class WeakTrConfig(PreTrainedConfig):
+    r"""
+    Configuration of both WeakTr models: [`WeakTrForCAM`] (step 1, CAM generation) and
+    [`WeakTrForSemanticSegmentation`] (step 2, online retraining). The defaults describe the authors' DeiT-S runs on
+    PASCAL VOC (see `shared/docs/METHOD.md`): encoder fields are named as in transformers' `ViTConfig`.
+
+    Classes come from `id2label` / `num_labels`. For step 1 they are the foreground classes (one class token each);
+    for step 2 they include background as label 0. Without either, the 20 VOC foreground classes are used.
+
+    Args:
+        image_size (`int` or `tuple[int, int]`, *optional*, defaults to 224):
+            Training input size; the position-embedding table holds one row per patch of this grid.
+        patch_size (`int`, *optional*, defaults to 16):
+            Side of a square patch.
+        num_channels (`int`, *optional*, defaults to 3):
+            Input channels.
+        hidden_size (`int`, *optional*, defaults to 384):
+            Encoder width (DeiT-S).
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Encoder depth.
+        num_attention_heads (`int`, *optional*, defaults to 6):
+            Attention heads per encoder layer.
+        intermediate_size (`int`, *optional*, defaults to 1536):
+            Encoder MLP width (4x hidden size).
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            MLP activation, a key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout after the attention projection and in the MLP of the encoder.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on encoder attention probabilities.
+        drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic depth of the last encoder layer; layer `i` uses `drop_path_rate * i / (L - 1)`.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Encoder LayerNorm epsilon (timm's DeiT uses 1e-6; the authors' step-2 encoder uses 1e-5).
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Bias in the fused query/key/value projection.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated-normal weight init.
+        position_embedding_interpolation (`str`, *optional*):
+            How patch position rows are resized to another input grid: `"bicubic_scale_factor"` (the DINO-style
+            bicubic resize the authors' step 1 uses; needed for parity at new sizes), `"bicubic"` (bicubic to the
+            target size) or `"bilinear"` (bilinear to the target size, as the authors' step 2). `None` picks the
+            authors' choice for each model.
+        aaf_reduction (`int`, *optional*, defaults to 8):
+            Adaptive Attention Fusion: reduction of the head-weight bottleneck (K = layers x heads -> K / reduction).
+        aaf_feat_reduction (`int`, *optional*, defaults to 8):
+            Adaptive Attention Fusion: reduction of the per-head feature projection (head_dim -> head_dim / it).
+        aaf_pooling (`str`, *optional*, defaults to `"max"`):
+            Pooling of each head's features over tokens, `"max"` (released runs) or `"avg"`.
+        decoder_hidden_size (`int`, *optional*, defaults to 384):
+            Width of the step-2 mask-transformer decoder.
+        decoder_num_hidden_layers (`int`, *optional*, defaults to 2):
+            Decoder depth.
+        decoder_num_attention_heads (`int`, *optional*, defaults to 6):
+            Decoder attention heads.
+        decoder_intermediate_size (`int`, *optional*, defaults to 1536):
+            Decoder MLP width.
+        decoder_hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Decoder dropout (attention probabilities, projections and MLP), as in the released runs.
+        decoder_drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Decoder stochastic depth.
+        decoder_layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of the decoder's LayerNorms (PyTorch's default, as the authors' decoder).
+        use_gradient_clipping (`bool`, *optional*, defaults to `True`):
+            Use the gradient-clipping loss of the step-2 decoder; `False` gives plain cross-entropy.
+        clip_start_value (`float`, *optional*, defaults to 1.2):
+            Clipping starts once the batch's mean per-pixel loss is at most this value.
+        clip_window_size (`int`, *optional*, defaults to 120):
+            Side in pixels of the windows whose mean loss caps each pixel's loss.
+        loss_average (`str`, *optional*, defaults to `"all_pixels"`):
+            `"all_pixels"` averages every loss over all pixels with ignored ones counted as zeros (the authors' way);
+            `"valid_pixels"` averages over non-ignored pixels only.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the step-2 loss.
+    """
+
+    model_type = "weaktr"
+
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    position_embedding_interpolation: str | None = None
+    # Step 1: Adaptive Attention Fusion (released runs: K = 72 -> 9, head_dim 64 -> 8, max pooling).
+    aaf_reduction: int = 8
+    aaf_feat_reduction: int = 8
+    aaf_pooling: str = "max"
+    # Step 2: mask-transformer decoder (Segmenter's, as released: 2 layers, 384 wide, dropout 0.1).
+    decoder_hidden_size: int = 384
+    decoder_num_hidden_layers: int = 2
+    decoder_num_attention_heads: int = 6
+    decoder_intermediate_size: int = 1536
+    decoder_hidden_dropout_prob: float = 0.1
+    decoder_drop_path_rate: float = 0.0
+    decoder_layer_norm_eps: float = 1e-5
+    # Step 2: gradient clipping (start once mean loss <= 1.2; 120 px windows = 4 per side of a 480 crop).
+    use_gradient_clipping: bool = True
+    clip_start_value: float = 1.2
+    clip_window_size: int = 120
+    loss_average: str = "all_pixels"
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = {i: name for i, name in enumerate(VOC_CLASSES)}
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        super().__post_init__(**kwargs)
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {name: i for i, name in self.id2label.items()}
+        self._validate()
+
+    @property
+    def image_grid(self):
+        """(rows, cols) of the patch grid that the position-embedding table is built for."""
+        height, width = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def _validate(self):
+        positive = (
+            "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "aaf_reduction", "aaf_feat_reduction", "decoder_hidden_size",
+            "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_intermediate_size",
+            "clip_window_size", "num_labels",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"WeakTrConfig.{name} must be a positive integer, got {value!r}.")
+        sizes = (self.image_size,) if isinstance(self.image_size, int) else tuple(self.image_size)
+        if len(sizes) not in (1, 2) or any(not isinstance(s, int) or s < self.patch_size for s in sizes):
+            raise ValueError(
+                f"WeakTrConfig.image_size must be an int or (height, width) of ints >= patch_size "
+                f"({self.patch_size}), got {self.image_size!r}."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"WeakTrConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.decoder_hidden_size % self.decoder_num_attention_heads:
+            raise ValueError(
+                f"WeakTrConfig.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
+                f"decoder_num_attention_heads ({self.decoder_num_attention_heads})."
+            )
+        fusion_channels = self.num_hidden_layers * self.num_attention_heads
+        if fusion_channels // self.aaf_reduction < 1:
+            raise ValueError(
+                f"WeakTrConfig.aaf_reduction ({self.aaf_reduction}) must be at most num_hidden_layers x "
+                f"num_attention_heads ({fusion_channels})."
+            )
+        if self.head_dim // self.aaf_feat_reduction < 1:
+            raise ValueError(
+                f"WeakTrConfig.aaf_feat_reduction ({self.aaf_feat_reduction}) must be at most the head dimension "
+                f"({self.head_dim})."
+            )
+        choices = (
+            ("aaf_pooling", AAF_POOLINGS),
+            ("loss_average", LOSS_AVERAGES),
+            ("position_embedding_interpolation", POSITION_INTERPOLATIONS + (None,)),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"WeakTrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                     "decoder_hidden_dropout_prob", "decoder_drop_path_rate"):  # fmt: skip
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"WeakTrConfig.{name} must be in [0, 1), got {value!r}.")
+        if self.clip_start_value <= 0:
+            raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
+
+
+__all__ = ["WeakTrConfig"]
