@@ -1,0 +1,735 @@
+"""WeakTr models: the step-1 CAM model and the step-2 segmenter, on one plain-ViT encoder.
+
+Reads top to bottom as the forward pass: outputs, the ViT encoder pieces (patch and position embeddings, attention,
+MLP, layer), the encoder itself (`WeakTrModel`), the step-1 heads (Adaptive Attention Fusion, `WeakTrForCAM`), the
+step-2 decoder and its gradient-clipping loss (`WeakTrForSemanticSegmentation`).
+Paper: Zhu et al., "WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation".
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_weaktr import WeakTrConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeakTrModelOutput(ModelOutput):
+    """
+    Output of the shared ViT encoder.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`):
+            Tokens after the last layer (after the final LayerNorm when the encoder has one). Prefix tokens (class
+            tokens for step 1, one [CLS] for step 2) come first, then patches in row-major order.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens, hidden_size)`):
+            The prefix tokens of `last_hidden_state`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Embeddings and the output of each layer, each `(batch_size, sequence_length, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Softmax attention probabilities of each layer, each `(batch_size, num_heads, sequence_length,
+            sequence_length)`.
+        attention_outputs (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attention_outputs=True`):
+            Each layer's attention-branch output after the output projection and before the residual add, each
+            `(batch_size, sequence_length, hidden_size)` (F_l of the paper's Adaptive Attention Fusion).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    attention_outputs: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WeakTrCAMOutput(ModelOutput):
+    """
+    Output of [`WeakTrForCAM`]. `C` is `config.num_labels` (foreground classes), `h, w = height // patch_size,
+    width // patch_size`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Sum of the multi-label soft-margin losses of `logits`, `coarse_logits` and `fine_logits`.
+        class_loss, coarse_loss, fine_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The three terms of `loss`, for logging.
+        logits (`torch.FloatTensor` of shape `(batch_size, C)`):
+            Class-token scores: mean over channels of each class token's final (un-normalised) hidden state.
+        coarse_logits (`torch.FloatTensor` of shape `(batch_size, C)`):
+            Global average of `coarse_cam`.
+        fine_logits (`torch.FloatTensor` of shape `(batch_size, C)`):
+            Global average of `fine_cam`.
+        coarse_cam (`torch.FloatTensor` of shape `(batch_size, C, h, w)`):
+            3x3-convolution CAM on the patch tokens, before ReLU.
+        fine_cam (`torch.FloatTensor` of shape `(batch_size, C, h, w)`):
+            `cross_attention * relu(coarse_cam)` refined by the fused patch-to-patch attention; the CAM used for
+            pseudo-labels.
+        cross_attention (`torch.FloatTensor` of shape `(batch_size, C, h, w)`):
+            Fused class-to-patch attention.
+        head_weights (`torch.FloatTensor` of shape `(batch_size, num_hidden_layers * num_attention_heads)`):
+            Adaptive Attention Fusion weight of each attention map; channel `head * num_hidden_layers + layer`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Embeddings and each layer's output, each `(batch_size, C + h * w, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Each layer's attention probabilities, `(batch_size, num_heads, C + h * w, C + h * w)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    class_loss: torch.FloatTensor | None = None
+    coarse_loss: torch.FloatTensor | None = None
+    fine_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    coarse_logits: torch.FloatTensor | None = None
+    fine_logits: torch.FloatTensor | None = None
+    coarse_cam: torch.FloatTensor | None = None
+    fine_cam: torch.FloatTensor | None = None
+    cross_attention: torch.FloatTensor | None = None
+    head_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ViT encoder pieces
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resize_position_embeddings(patch_embeddings, old_grid, new_grid, mode):
+    """Resize patch position rows `(1, old_h * old_w, dim)` to `new_grid`, row-major in and out.
+
+    `mode` is `"bicubic"` or `"bilinear"` (interpolation to the target size, align_corners False), or
+    `"bicubic_scale_factor"`: the authors' step-1 form, bicubic with scale factors `(new + 0.1) / old`, which samples
+    slightly different points than the size form; kept for parity with their checkpoints at new input sizes.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return patch_embeddings
+    dim = patch_embeddings.shape[-1]
+    grid = patch_embeddings.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    dtype = grid.dtype
+    grid = grid.float()  # bicubic is not implemented for half precision on every device
+    if mode == "bicubic_scale_factor":
+        scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    else:
+        grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    if tuple(grid.shape[-2:]) != tuple(new_grid):
+        raise RuntimeError(f"Position embeddings resized to {tuple(grid.shape[-2:])} instead of {tuple(new_grid)}.")
+    return grid.to(dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+
+
+def drop_path(hidden_states, drop_prob, training):
+    """Stochastic depth: zero whole samples of a residual branch with probability `drop_prob`, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    mask = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    return hidden_states * mask / keep_prob
+
+
+class WeakTrDropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states):
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self):
+        return f"p={self.drop_prob}"
+
+
+class WeakTrPatchEmbeddings(nn.Module):
+    """Non-overlapping `patch_size` convolution: `(B, channels, H, W)` -> `(B, H/p * W/p, hidden_size)`."""
+
+    def __init__(self, config: WeakTrConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch_size, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}. Convert images to RGB (WeakTrImageProcessor does) or set "
+                f"config.num_channels."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Input size {height}x{width} is not a multiple of the patch size {self.patch_size}. Resize or pad "
+                f"the image (WeakTrImageProcessor(do_pad=True) pads to a multiple of the patch size)."
+            )
+        embeddings = self.proj(pixel_values.to(self.proj.weight.dtype))
+        return embeddings.flatten(2).transpose(1, 2)
+
+
+class WeakTrSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm / the authors' parameter layout)."""
+
+    def __init__(self, config, hidden_size, num_heads, qkv_bias, attention_dropout, projection_dropout):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = attention_dropout
+        self.is_causal = False
+        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=qkv_bias)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj_drop = nn.Dropout(projection_dropout)
+
+    def forward(self, hidden_states, output_attentions=False):
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        # (3, B, heads, T, head_dim)
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        implementation = "eager" if output_attentions else (self.config._attn_implementation or "sdpa")
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_probs = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, hidden_size)
+        return self.proj_drop(self.proj(attn_output)), attn_probs
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention that also returns the probabilities `(B, heads, T, T)`."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_output = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
+    return attn_output.transpose(1, 2).contiguous(), probs
+
+
+class WeakTrMLP(nn.Module):
+    def __init__(self, hidden_size, intermediate_size, hidden_act, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, hidden_states):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(hidden_states)))))
+
+
+class WeakTrLayer(nn.Module):
+    """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes."""
+
+    def __init__(self, config, hidden_size, num_heads, intermediate_size, hidden_act, layer_norm_eps, qkv_bias,
+                 dropout, attention_dropout, drop_path_rate):  # fmt: skip
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.attn = WeakTrSelfAttention(config, hidden_size, num_heads, qkv_bias, attention_dropout, dropout)
+        self.drop_path = WeakTrDropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.mlp = WeakTrMLP(hidden_size, intermediate_size, hidden_act, dropout)
+
+    def forward(self, hidden_states, output_attentions=False):
+        """Returns `(hidden_states, attention_probs or None, attention-branch output before the residual add)`."""
+        attn_output, attn_probs = self.attn(self.norm1(hidden_states), output_attentions=output_attentions)
+        hidden_states = hidden_states + self.drop_path(attn_output)
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states, attn_probs, attn_output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base class and the shared encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class WeakTrPreTrainedModel(PreTrainedModel):
+    config: WeakTrConfig
+    config_class = WeakTrConfig
+    base_model_prefix = "weaktr"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["WeakTrLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        """Truncated-normal linear/conv weights and zero biases, as timm's ViT initialisation."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, WeakTrModel):
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.pos_embed, std=std)
+        elif isinstance(module, WeakTrMaskTransformerDecoder):
+            init.trunc_normal_(module.cls_emb, std=std)
+            scale = module.proj_patch.shape[0] ** -0.5
+            init.normal_(module.proj_patch, std=scale)
+            init.normal_(module.proj_classes, std=scale)
+
+
+class WeakTrModel(WeakTrPreTrainedModel):
+    """
+    The plain ViT encoder both WeakTr steps share: patch embedding, `num_prefix_tokens` learned prefix tokens,
+    position embeddings resized to any input grid, pre-norm layers with stochastic depth, optional final LayerNorm.
+
+    Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
+    one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the step-2 encoder.
+    """
+
+    def __init__(self, config: WeakTrConfig, num_prefix_tokens: int = 1, use_final_norm: bool = True,
+                 position_interpolation: str = "bilinear"):  # fmt: skip
+        super().__init__(config)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = config.image_grid
+        self.position_interpolation = config.position_embedding_interpolation or position_interpolation
+        num_patches = self.grid_size[0] * self.grid_size[1]
+
+        self.patch_embed = WeakTrPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, num_prefix_tokens, config.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, config.hidden_size))
+        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        # Stochastic depth grows linearly with depth, as in DeiT.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.blocks = nn.ModuleList(
+            WeakTrLayer(
+                config, config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                config.layer_norm_eps, config.qkv_bias, config.hidden_dropout_prob,
+                config.attention_probs_dropout_prob, rate,
+            )  # fmt: skip
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.patch_embed
+
+    def interpolate_pos_encoding(self, grid):
+        """The position table for an input of `grid = (rows, cols)` patches (unchanged for the training grid)."""
+        prefix = self.pos_embed[:, : self.num_prefix_tokens]
+        patches = resize_position_embeddings(
+            self.pos_embed[:, self.num_prefix_tokens :], self.grid_size, grid, self.position_interpolation
+        )
+        return torch.cat([prefix, patches], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attention_outputs: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> WeakTrModelOutput | tuple:
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        patches = self.patch_embed(pixel_values)
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        prefix = self.cls_token.expand(patches.shape[0], -1, -1)
+        hidden_states = torch.cat([prefix, patches], dim=1) + self.interpolate_pos_encoding(grid)
+        hidden_states = self.pos_drop(hidden_states)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_attention_outputs = () if output_attention_outputs else None
+        for block in self.blocks:
+            hidden_states, attn_probs, attn_output = block(hidden_states, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_probs,)
+            if output_attention_outputs:
+                all_attention_outputs += (attn_output,)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+
+        output = WeakTrModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=hidden_states[:, : self.num_prefix_tokens],
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            attention_outputs=all_attention_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 1: CAM generation with Adaptive Attention Fusion
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class WeakTrAdaptiveAttentionFusion(nn.Module):
+    """
+    Adaptive Attention Fusion (paper, Sec. 3.1): one weight per attention map (K = layers x heads), predicted from
+    the heads' own features, and the weighted mean of the maps.
+
+    Channel order follows the authors' checkpoints: channel `head * num_layers + layer`, and a layer's attention
+    output is split into heads with the head index varying fastest along the hidden dimension.
+    """
+
+    def __init__(self, config: WeakTrConfig):
+        super().__init__()
+        channels = config.num_hidden_layers * config.num_attention_heads
+        head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.pooling = config.aaf_pooling
+        # Two linears with no activation between them, as released.
+        self.attn_feat_ffn = nn.Sequential(
+            nn.Linear(head_dim, head_dim // config.aaf_feat_reduction),
+            nn.Linear(head_dim // config.aaf_feat_reduction, 1),
+        )
+        self.attn_head_ffn = nn.Sequential(
+            nn.Linear(channels, channels // config.aaf_reduction, bias=False),
+            nn.ReLU(),
+            nn.Linear(channels // config.aaf_reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def head_features(self, attention_outputs):
+        """Pool each head's feature over tokens: L x `(B, T, D)` -> `(B, heads * L, D / heads)`, head-major."""
+        batch_size, _, hidden_size = attention_outputs[0].shape
+        pooled = []
+        for layer_output in attention_outputs:
+            # Head index fastest along D: view D as (D / heads, heads).
+            per_head = layer_output.view(batch_size, -1, hidden_size // self.num_heads, self.num_heads)
+            pooled.append(per_head.amax(dim=1) if self.pooling == "max" else per_head.mean(dim=1))
+        stacked = torch.stack(pooled, dim=1)  # (B, L, head_dim, heads)
+        return stacked.permute(0, 3, 1, 2).reshape(batch_size, -1, hidden_size // self.num_heads)
+
+    def forward(self, attentions, attention_outputs):
+        """
+        Args:
+            attentions: per layer `(B, heads, T, T)` attention probabilities (detached here).
+            attention_outputs: per layer `(B, T, D)` attention-branch outputs (detached here).
+
+        Returns:
+            `(fused (B, T, T), head_weights (B, heads * L))`.
+        """
+        features = self.head_features([output.detach() for output in attention_outputs])
+        head_weights = self.attn_head_ffn(self.attn_feat_ffn(features).squeeze(-1))
+        num_layers = len(attentions)
+        weights = head_weights.view(head_weights.shape[0], self.num_heads, num_layers)
+        # Weighted mean over all K maps without materialising a (B, K, T, T) stack.
+        fused = None
+        for layer, layer_attention in enumerate(attentions):
+            term = torch.einsum("bh,bhij->bij", weights[:, :, layer], layer_attention.detach())
+            fused = term if fused is None else fused + term
+        return fused / weights[0].numel(), head_weights
+
+
+class WeakTrForCAM(WeakTrPreTrainedModel):
+    """
+    WeakTr step 1 (paper, Sec. 3.1): a ViT with one class token per foreground class, trained from image-level labels
+    with three multi-label heads (class tokens, coarse CAM, fine CAM). The fine CAM refines
+    `cross_attention * relu(coarse_cam)` with the fused patch attention; its loss trains only the fusion weights.
+
+    The model always computes attention probabilities eagerly, whatever `attn_implementation` says: the fusion needs
+    them.
+    """
+
+    def __init__(self, config: WeakTrConfig):
+        if config.problem_type is None:
+            config.problem_type = "multi_label_classification"
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.weaktr = WeakTrModel(
+            config, num_prefix_tokens=config.num_labels, use_final_norm=False,
+            position_interpolation="bicubic_scale_factor",
+        )  # fmt: skip
+        self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=3, padding=1)
+        self.adaptive_attention_fusion = WeakTrAdaptiveAttentionFusion(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> WeakTrCAMOutput | tuple:
+        r"""
+        labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+            Multi-hot image-level labels (1 for each foreground class present).
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.weaktr(
+            pixel_values,
+            output_attentions=True,
+            output_hidden_states=output_hidden_states,
+            output_attention_outputs=True,
+            return_dict=True,
+        )
+        num_classes = self.num_labels
+        batch_size = pixel_values.shape[0]
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        tokens = outputs.last_hidden_state
+
+        logits = tokens[:, :num_classes].mean(dim=-1)
+        patch_map = tokens[:, num_classes:].transpose(1, 2).reshape(batch_size, -1, *grid)
+        coarse_cam = self.head(patch_map)
+        coarse_logits = coarse_cam.mean(dim=(2, 3))
+
+        fused, head_weights = self.adaptive_attention_fusion(outputs.attentions, outputs.attention_outputs)
+        cross_attention = fused[:, :num_classes, num_classes:].reshape(batch_size, num_classes, *grid)
+        patch_attention = fused[:, num_classes:, num_classes:]
+        cams = cross_attention * F.relu(coarse_cam.detach())
+        fine_cam = torch.bmm(cams.flatten(2), patch_attention.transpose(1, 2)).view_as(cams)
+        fine_logits = fine_cam.mean(dim=(2, 3))
+
+        loss = class_loss = coarse_loss = fine_loss = None
+        if labels is not None:
+            labels = self._check_labels(labels, batch_size).to(logits.dtype)
+            class_loss = F.multilabel_soft_margin_loss(logits, labels)
+            coarse_loss = F.multilabel_soft_margin_loss(coarse_logits, labels)
+            fine_loss = F.multilabel_soft_margin_loss(fine_logits, labels)
+            loss = class_loss + coarse_loss + fine_loss
+
+        output = WeakTrCAMOutput(
+            loss=loss,
+            class_loss=class_loss,
+            coarse_loss=coarse_loss,
+            fine_loss=fine_loss,
+            logits=logits,
+            coarse_logits=coarse_logits,
+            fine_logits=fine_logits,
+            coarse_cam=coarse_cam,
+            fine_cam=fine_cam,
+            cross_attention=cross_attention,
+            head_weights=head_weights,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels, batch_size):
+        if labels.shape != (batch_size, self.num_labels):
+            raise ValueError(
+                f"labels must be multi-hot of shape (batch_size, num_labels) = ({batch_size}, {self.num_labels}), got "
+                f"{tuple(labels.shape)}. Build them from image-level class ids with one column per foreground class "
+                f"of config.id2label."
+            )
+        return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 2: online retraining with the gradient-clipping decoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class WeakTrMaskTransformerDecoder(nn.Module):
+    """
+    Mask-transformer decoder (paper, Sec. 3.2, after Segmenter): patch tokens and one learned embedding per class go
+    through a few transformer layers; masks are cosine similarities of projected patches and classes, LayerNorm'd
+    over classes.
+    """
+
+    def __init__(self, config: WeakTrConfig):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.num_labels = config.num_labels
+        self.proj_dec = nn.Linear(config.hidden_size, width)
+        self.cls_emb = nn.Parameter(torch.zeros(1, config.num_labels, width))
+        rates = torch.linspace(0, config.decoder_drop_path_rate, config.decoder_num_hidden_layers).tolist()
+        self.blocks = nn.ModuleList(
+            WeakTrLayer(
+                config, width, config.decoder_num_attention_heads, config.decoder_intermediate_size, "gelu",
+                config.decoder_layer_norm_eps, True, config.decoder_hidden_dropout_prob,
+                config.decoder_hidden_dropout_prob, rate,
+            )  # fmt: skip
+            for rate in rates
+        )
+        self.decoder_norm = nn.LayerNorm(width, eps=config.decoder_layer_norm_eps)
+        self.proj_patch = nn.Parameter(torch.zeros(width, width))
+        self.proj_classes = nn.Parameter(torch.zeros(width, width))
+        self.mask_norm = nn.LayerNorm(config.num_labels, eps=config.decoder_layer_norm_eps)
+
+    def forward(self, patch_tokens, grid, output_attentions=False):
+        """`(B, rows * cols, hidden_size)` patch tokens -> `(B, num_labels, rows, cols)` logits."""
+        hidden_states = self.proj_dec(patch_tokens)
+        hidden_states = torch.cat([hidden_states, self.cls_emb.expand(hidden_states.shape[0], -1, -1)], dim=1)
+        attentions = ()
+        for block in self.blocks:
+            hidden_states, attn_probs, _ = block(hidden_states, output_attentions=output_attentions)
+            attentions += (attn_probs,)
+        hidden_states = self.decoder_norm(hidden_states)
+        patches = hidden_states[:, : -self.num_labels] @ self.proj_patch
+        classes = hidden_states[:, -self.num_labels :] @ self.proj_classes
+        masks = F.normalize(patches, dim=-1) @ F.normalize(classes, dim=-1).transpose(1, 2)
+        masks = self.mask_norm(masks)
+        return masks.transpose(1, 2).reshape(masks.shape[0], self.num_labels, *grid), attentions
+
+
+def upsample_logits(logits, input_size, patch_size):
+    """Patch-resolution logits -> `input_size` `(H, W)` pixels.
+
+    The model pads inputs bottom/right to a multiple of `patch_size`; logits are upsampled bilinearly to the padded
+    size and the padding is cropped, so predictions line up with the unpadded input.
+    """
+    height, width = input_size
+    padded = (math.ceil(height / patch_size) * patch_size, math.ceil(width / patch_size) * patch_size)
+    upsampled = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return upsampled[..., :height, :width]
+
+
+def clip_pixel_losses(pixel_losses, valid_mask, start_value, window_size, average="all_pixels"):
+    """
+    Gradient clipping of the step-2 loss (paper, Sec. 3.2): once the batch's mean loss is at most `start_value`,
+    each pixel's loss is capped at max(mean loss of its `window_size` window, mean loss of the batch); pixels above
+    the cap keep the cap's value but carry no gradient, so noisy pseudo-labels stop dominating training.
+
+    Args:
+        pixel_losses: `(B, H, W)` per-pixel losses, 0 at ignored pixels.
+        valid_mask: `(B, H, W)` bool, False at ignored pixels.
+        average: `"all_pixels"` takes every mean over all pixels, ignored ones counted as zeros (the authors' way);
+            `"valid_pixels"` over non-ignored pixels only.
+
+    Windows tile the image from the top-left over the batch-averaged loss map; a border window that sticks out
+    counts only real pixels. When H and W are multiples of `window_size` this equals the authors' implementation.
+    """
+    detached = pixel_losses.detach()
+    weights = valid_mask.to(detached.dtype) if average == "valid_pixels" else torch.ones_like(detached)
+    global_mean = (detached * weights).sum() / weights.sum().clamp_min(1.0)
+    if global_mean > start_value:
+        return pixel_losses
+    height, width = detached.shape[-2:]
+    pad = (0, (-width) % window_size, 0, (-height) % window_size)
+    loss_sum = F.pad((detached * weights).sum(0, keepdim=True), pad).unsqueeze(1)
+    count = F.pad(weights.sum(0, keepdim=True), pad).unsqueeze(1)
+    window_mean = F.avg_pool2d(loss_sum, window_size) / F.avg_pool2d(count, window_size).clamp_min(1e-12)
+    cap = torch.maximum(window_mean, global_mean)
+    cap = cap.repeat_interleave(window_size, dim=-2).repeat_interleave(window_size, dim=-1)[0, :, :height, :width]
+    return torch.where(detached > cap, cap, pixel_losses)
+
+
+def semantic_segmentation_loss(logits, labels, config):
+    """Per-pixel cross-entropy at the label size with optional gradient clipping, averaged per `config.loss_average`."""
+    ignore_index = config.semantic_loss_ignore_index
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    pixel_losses = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    valid = labels != ignore_index
+    if config.use_gradient_clipping:
+        pixel_losses = clip_pixel_losses(
+            pixel_losses, valid, config.clip_start_value, config.clip_window_size, config.loss_average
+        )
+    if config.loss_average == "valid_pixels":
+        return (pixel_losses * valid).sum() / valid.sum().clamp_min(1)
+    return pixel_losses.mean()
+
+
+class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
+    """
+    WeakTr step 2 (paper, Sec. 3.2): a ViT encoder (one [CLS] token, final LayerNorm) and a mask-transformer decoder,
+    retrained online on CAM pseudo-labels with the gradient-clipping loss. Label 0 is background.
+
+    `logits` are at patch resolution of the input padded bottom/right to a multiple of the patch size; use
+    [`upsample_logits`] (or `WeakTrImageProcessor.post_process_semantic_segmentation` on unpadded inputs) to get
+    pixel predictions.
+    """
+
+    def __init__(self, config: WeakTrConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.weaktr = WeakTrModel(config, num_prefix_tokens=1, use_final_norm=True, position_interpolation="bilinear")
+        self.decoder = WeakTrMaskTransformerDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Per-pixel class ids in `[0, num_labels)`, or `config.semantic_loss_ignore_index` to ignore a pixel.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        patch_size = self.config.patch_size
+        height, width = pixel_values.shape[-2:]
+        padded = F.pad(pixel_values, (0, (-width) % patch_size, 0, (-height) % patch_size))
+        grid = (padded.shape[-2] // patch_size, padded.shape[-1] // patch_size)
+
+        outputs = self.weaktr(
+            padded, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        logits, decoder_attentions = self.decoder(
+            outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions
+        )
+
+        loss = None
+        if labels is not None:
+            labels = self._check_labels(labels, pixel_values.shape[0])
+            loss = semantic_segmentation_loss(upsample_logits(logits, (height, width), patch_size), labels, self.config)
+
+        attentions = outputs.attentions + decoder_attentions if output_attentions else None
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels, batch_size):
+        if labels.ndim != 3 or labels.shape[0] != batch_size:
+            raise ValueError(
+                f"labels must be class-id maps of shape (batch_size, height, width) with batch_size {batch_size}, got "
+                f"{tuple(labels.shape)}."
+            )
+        if labels.dtype != torch.long:
+            raise ValueError(f"labels must be int64 class ids, got {labels.dtype}.")
+        ignore = self.config.semantic_loss_ignore_index
+        bad = (labels != ignore) & ((labels < 0) | (labels >= self.num_labels))
+        if bad.any():
+            raise ValueError(
+                f"labels hold class ids outside [0, {self.num_labels}) that are not the ignore index {ignore}: "
+                f"{sorted(labels[bad].unique().tolist())[:10]}. Check config.id2label against the dataset's classes."
+            )
+        return labels
+
+
+__all__ = [
+    "WeakTrCAMOutput",
+    "WeakTrForCAM",
+    "WeakTrForSemanticSegmentation",
+    "WeakTrModel",
+    "WeakTrModelOutput",
+    "WeakTrPreTrainedModel",
+    "clip_pixel_losses",
+    "resize_position_embeddings",
+    "semantic_segmentation_loss",
+    "upsample_logits",
+]
