@@ -1,0 +1,173 @@
+"""Pictures of WeakTr's outputs: coloured label maps, CAM heat-map overlays, side-by-side panels, label PNGs.
+
+One colour palette serves every picture: the PASCAL VOC palette, so our masks look like (and are byte-compatible
+with) VOC's own SegmentationClass PNGs. Label PNGs store class indices with that palette attached.
+"""
+
+import os
+import uuid
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .labels import IGNORE_INDEX
+
+
+def voc_palette(num_entries=256):
+    """The VOC colour map: the bits of each label index are dealt out, 3 at a time, to R, G and B from the top bit.
+
+    Returns a uint8 array of shape (num_entries, 3); entry 0 is black, 1 is (128, 0, 0), 255 (ignore) is
+    (224, 224, 192), the cream outline colour of VOC's masks.
+    """
+    index = np.arange(num_entries)
+    colors = np.zeros((num_entries, 3), dtype=np.int64)
+    for bit_position in range(8):
+        bits = index >> (3 * bit_position)
+        for channel in range(3):
+            colors[:, channel] |= ((bits >> channel) & 1) << (7 - bit_position)
+    return colors.astype(np.uint8)
+
+
+PALETTE = voc_palette()
+
+
+def _as_label_array(mask, name="mask"):
+    """A uint8 (height, width) array of label indices 0..255, or a ValueError saying what is wrong."""
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("P", "L"):
+            raise ValueError(f"{name} must be a label image (mode 'P' or 'L'), got mode {mask.mode!r}.")
+        return np.array(mask)
+    if hasattr(mask, "detach"):  # torch tensor
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a (height, width) label map, got shape {mask.shape}.")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer labels, got dtype {mask.dtype}; argmax the logits first.")
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise ValueError(
+            f"{name} values must lie in 0..255 to fit a palette PNG, got {mask.min()}..{mask.max()}; "
+            f"use {IGNORE_INDEX} for ignored pixels."
+        )
+    return mask.astype(np.uint8)
+
+
+def colorize_mask(mask):
+    """A label map (height, width) of indices 0..255 as a palette ("P") image coloured with `PALETTE`."""
+    image = Image.fromarray(_as_label_array(mask), mode="P")
+    image.putpalette(PALETTE.tobytes())
+    return image
+
+
+def jet_colormap(values):
+    """Blue -> cyan -> yellow -> red colours for values in [0, 1], shape (..., 3) uint8 (a piecewise-linear jet)."""
+    values = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where red, green and blue peak
+    colors = np.clip(1.5 - np.abs(4.0 * (values - centres)), 0.0, 1.0)
+    return np.round(colors * 255).astype(np.uint8)
+
+
+def _as_rgb_array(image):
+    """A uint8 (height, width, 3) array from a PIL image or an array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"image must be uint8 RGB of shape (height, width, 3), got {image.dtype} of shape {image.shape}."
+        )
+    return image
+
+
+def overlay_cam(image, cam, alpha=0.5):
+    """Blend a class activation map over an RGB image: (1 - alpha) * image + alpha * jet(cam).
+
+    `cam` is (h, w) with values in [0, 1] (min-max normalised, as WeakTr's CAMs are before thresholding), at any
+    resolution: it is resized bilinearly to the image. Returns an RGB PIL image the size of `image`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+    rgb = _as_rgb_array(image)
+    if hasattr(cam, "detach"):
+        cam = cam.detach().float().cpu().numpy()
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be one class's map of shape (height, width), got shape {cam.shape}.")
+    if not np.isfinite(cam).all() or cam.min() < -1e-6 or cam.max() > 1 + 1e-6:
+        raise ValueError("cam values must lie in [0, 1]; min-max normalise the CAM first.")
+    height, width = rgb.shape[:2]
+    if cam.shape != (height, width):
+        cam = np.asarray(Image.fromarray(cam, mode="F").resize((width, height), Image.BILINEAR))
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * jet_colormap(cam).astype(np.float32)
+    return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
+
+
+def side_by_side(images, titles=None, gap=4, background=(255, 255, 255)):
+    """Paste images left to right (e.g. image, prediction, ground truth) into one RGB picture, titles above them.
+
+    Items may be PIL images, uint8 RGB arrays, or 2-D label maps (coloured with `PALETTE`).
+    """
+    images = list(images)
+    if not images:
+        raise ValueError("side_by_side needs at least one image.")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"got {len(titles)} titles for {len(images)} images; give one title per image or none.")
+    panels = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            panels.append(item.convert("RGB"))
+        elif np.asarray(item).ndim == 2 or hasattr(item, "detach"):
+            panels.append(colorize_mask(item).convert("RGB"))
+        else:
+            panels.append(Image.fromarray(_as_rgb_array(item), mode="RGB"))
+    title_height = 0
+    if titles is not None:
+        font_box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag")
+        title_height = font_box[3] + gap
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    height = max(panel.height for panel in panels) + title_height
+    canvas = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for index, panel in enumerate(panels):
+        if titles is not None:
+            draw.text((x, 0), str(titles[index]), fill=(0, 0, 0))
+        canvas.paste(panel, (x, title_height))
+        x += panel.width + gap
+    return canvas
+
+
+def save_label_png(path, mask):
+    """Write a label map as a palette PNG, atomically: a crash mid-write never leaves a partial file at `path`.
+
+    The PNG is written to a temporary file in the same folder and then renamed over `path` (`os.replace`), so a
+    resumed run that finds `path` can trust it.
+    """
+    image = colorize_mask(mask)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # A unique hidden name next to the target (same filesystem, so the rename is atomic); opened with open() rather
+    # than mkstemp so the PNG gets the usual permissions.
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            image.save(file, format="PNG")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_label_png(path):
+    """Read a label PNG's class indices (not its colours) as a uint8 (height, width) array."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(
+                f"{path} is a {image.mode!r} image, not a label PNG of class indices (mode 'P' or 'L'); "
+                "colour renderings cannot be read back as labels."
+            )
+        return np.array(image)
