@@ -2,8 +2,6 @@
 
 from transformers import PreTrainedConfig
 
-from .labels import VOC_CLASSES
-
 POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
 AAF_POOLINGS = ("max", "avg")
 LOSS_AVERAGES = ("all_pixels", "valid_pixels")
@@ -15,8 +13,9 @@ class WeakTrConfig(PreTrainedConfig):
     [`WeakTrForSemanticSegmentation`] (step 2, online retraining). The defaults describe the authors' DeiT-S runs on
     PASCAL VOC (see `shared/docs/METHOD.md`): encoder fields are named as in transformers' `ViTConfig`.
 
-    Classes come from `id2label` / `num_labels`. For step 1 they are the foreground classes (one class token each);
-    for step 2 they include background as label 0. Without either, the 20 VOC foreground classes are used.
+    Classes come from `id2label` / `num_labels`, as in transformers (2 generic labels when neither is given). For
+    step 1 they are the foreground classes (one class token each); for step 2 they include background as label 0.
+    `weaktr_hf.labels` has the VOC and COCO layouts, e.g. `WeakTrConfig(id2label=foreground_id2label(VOC_CLASSES))`.
 
     Args:
         image_size (`int` or `tuple[int, int]`, *optional*, defaults to 224):
@@ -122,8 +121,6 @@ class WeakTrConfig(PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = {i: name for i, name in enumerate(VOC_CLASSES)}
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
         super().__post_init__(**kwargs)
