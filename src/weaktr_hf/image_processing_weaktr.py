@@ -1,0 +1,529 @@
+"""Image processor for both WeakTr models: preprocessing of images (and optional segmentation maps) and the
+post-processing of model outputs into label maps.
+
+Preprocessing is resize -> rescale (1/255) -> ImageNet normalisation, after converting any PIL mode to RGB (16-bit
+and float images are scaled to the 8-bit range rather than clipped). With `do_pad=True` images are zero-padded at the
+bottom/right to a multiple of `size_divisor` (the model's patch size), so the model never pads.
+
+Post-processing maps patch-resolution outputs back to the original images. Pass `target_sizes` = the ORIGINAL image
+sizes: the processor recomputes each image's resized size from it, crops the bottom/right padding that the logits
+cover (its own `do_pad` padding, or the model's padding to a multiple of the patch size), then resizes to the target.
+
+`normalize_cams` and `cams_to_label_map` are the CAM -> pseudo-label steps of WeakTr's CAM generation (docs/METHOD.md,
+"CAM generation" and "Pseudo-labels"), kept as pure functions so the multi-scale CAM generator shares them.
+"""
+
+import os
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as tvF
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import get_size_with_aspect_ratio, group_images_by_shape, reorder_images
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    infer_channel_dimension_format,
+    load_image,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .labels import IGNORE_INDEX
+
+# PIL modes holding 16-bit intensities (PNG 16-bit grey opens as "I;16", older Pillow gives "I").
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+CAM_OUTPUT_NAMES = ("fine_cam", "coarse_cam", "cross_attention")
+SIXTEEN_BIT_TO_EIGHT_BIT = 255.0 / 65535.0
+
+
+def pil_image_to_array(image: PIL.Image.Image, convert_rgb: bool = True) -> np.ndarray:
+    """Convert a PIL image of any common mode to an (H, W, 3) array in the 8-bit range [0, 255].
+
+    8-bit modes keep dtype uint8; 16-bit ("I;16", "I") and float ("F", intensities in [0, 1]) images become float32
+    scaled to [0, 255] so 65535 -> 255.0 instead of being clipped to white. Transparency is composited on white.
+    With `convert_rgb=False` the channels are kept as they are (only the bit depth is scaled).
+    """
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        array = np.clip(np.asarray(image).astype(np.float32), 0, 65535) * np.float32(SIXTEEN_BIT_TO_EIGHT_BIT)
+    elif mode == "F":
+        array = np.asarray(image).astype(np.float32)
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError(
+                f"mode 'F' image has values in [{array.min():g}, {array.max():g}]; float images must hold "
+                "intensities in [0, 1]: rescale it, or convert it to 'L' or 'RGB' yourself"
+            )
+        array = array * np.float32(255.0)
+    elif not convert_rgb:
+        return np.asarray(image.convert("L") if mode == "1" else image)
+    else:
+        has_alpha = mode in ALPHA_MODES or "transparency" in image.info
+        try:
+            converted = image.convert("RGBA" if has_alpha else "RGB")
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"mode {mode!r} cannot be converted to RGB ({error}); convert the image to 'RGB' first"
+            ) from None
+        array = np.asarray(converted)
+        if has_alpha:
+            rgba = array.astype(np.float32)
+            alpha = rgba[..., 3:] / 255.0
+            array = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        return array
+    if convert_rgb:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array
+
+
+def reduce_labels(label_map: torch.Tensor) -> torch.Tensor:
+    """SegFormer-style label reduction: 0 (background) becomes 255 (ignored), other classes shift down by one."""
+    ignore = torch.full_like(label_map, IGNORE_INDEX)
+    return torch.where((label_map == 0) | (label_map == IGNORE_INDEX), ignore, label_map - 1)
+
+
+def normalize_cams(cams: torch.Tensor, present: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise each present class's CAM to [0, 1] and zero the absent ones.
+
+    `cams` is (..., C, H, W) and `present` a boolean or multi-hot (..., C) of the image-level labels. The division
+    uses `max - min + eps`, as the authors' CAM generation does, so a flat map becomes all zeros.
+    """
+    present = present.to(device=cams.device, dtype=torch.bool)
+    flat = cams.flatten(-2)
+    low = flat.amin(dim=-1, keepdim=True)
+    high = flat.amax(dim=-1, keepdim=True)
+    normalized = ((flat - low) / (high - low + eps)).view_as(cams)
+    return normalized * present[..., None, None]
+
+
+def cams_to_label_map(cams: torch.Tensor, present: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pseudo-label map from normalised CAMs: argmax over [threshold, CAMs of present classes].
+
+    `cams` is (..., C, H, W) in [0, 1], `present` a boolean or multi-hot (..., C). Returns int64 (..., H, W) with
+    0 = background and k + 1 = foreground class k. Absent classes never win, ties go to background.
+    """
+    present = present.to(device=cams.device, dtype=torch.bool)
+    scores = cams.masked_fill(~present[..., None, None], float("-inf"))
+    background = torch.full_like(cams[..., :1, :, :], threshold)
+    return torch.cat([background, scores], dim=-3).argmax(dim=-3)
+
+
+class WeakTrImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
+        Map segmentation-map label 0 to 255 (ignored) and shift the others down by one, as SegFormer does.
+    size_divisor (`int`, *optional*, defaults to `self.size_divisor`):
+        The model's patch size: `do_pad` pads to a multiple of it, and post-processing uses it to map one output
+        cell to `size_divisor` pixels.
+    """
+
+    do_reduce_labels: bool
+    size_divisor: int
+
+
+class WeakTrImageProcessor(TorchvisionBackend):
+    r"""
+    Image processor of [`WeakTrForCAM`] and [`WeakTrForSemanticSegmentation`] (torchvision backend).
+
+    Args:
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Resize images (and segmentation maps) to `size`.
+        size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
+            `{"height", "width"}` for a fixed size, or `{"shortest_edge"}` (optionally with `"longest_edge"`) to keep
+            the aspect ratio. Step-1 models use 224; step-2 processors are saved with 480.
+        resample (`PILImageResampling`, *optional*, defaults to `BILINEAR`):
+            Image resampling filter; segmentation maps always use nearest.
+        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, defaults to `1/255`):
+            Scale 8-bit intensities to [0, 1]. 16-bit and float PIL images are first brought to the 8-bit range.
+        do_normalize (`bool`, *optional*, defaults to `True`), image_mean / image_std (ImageNet defaults):
+            Normalise each channel.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`):
+            Convert L / LA / P / RGBA / CMYK / 16-bit / float inputs to 3-channel RGB (alpha composited on white).
+        do_pad (`bool`, *optional*, defaults to `False`):
+            Zero-pad images at the bottom/right to a multiple of `size_divisor` (and at least `pad_size` if given),
+            all images of a batch to the same size; segmentation maps are padded with 255 (ignored).
+        size_divisor (`int`, *optional*, defaults to 16):
+            The model's patch size (see `WeakTrImageProcessorKwargs`).
+        do_reduce_labels (`bool`, *optional*, defaults to `False`):
+            Reduce segmentation-map labels as SegFormer does (0 -> 255, k -> k - 1).
+    """
+
+    valid_kwargs = WeakTrImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"height": 224, "width": 224}
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_pad = False
+    size_divisor = 16
+    do_reduce_labels = False
+
+    def __init__(self, **kwargs: Unpack[WeakTrImageProcessorKwargs]):
+        super().__init__(**kwargs)
+
+    def preprocess(self, images, segmentation_maps=None, **kwargs: Unpack[WeakTrImageProcessorKwargs]) -> BatchFeature:
+        r"""
+        Preprocess images and, optionally, their segmentation maps.
+
+        Args:
+            images: a PIL image, an array/tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; uint8, uint16
+                or float), a file path, or a list of these.
+            segmentation_maps: optional class-index maps of the same sizes as the images (PIL "L"/"P"/"I" images,
+                2-D arrays or tensors), returned as `labels` int64 (B, H, W).
+
+        Returns:
+            `BatchFeature` with `pixel_values` (B, 3, H, W) float32 and, with maps, `labels`.
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def _validate_preprocess_kwargs(self, size=None, size_divisor=None, do_center_crop=None, **kwargs):
+        super()._validate_preprocess_kwargs(size=size, do_center_crop=do_center_crop, **kwargs)
+        if size is not None and not ((size.height and size.width) or size.shortest_edge):
+            raise ValueError(
+                f"size must be {{'height', 'width'}} or {{'shortest_edge'}} (optionally with 'longest_edge'); "
+                f"got {dict(size)}"
+            )
+        if not isinstance(size_divisor, int) or size_divisor < 1:
+            raise ValueError(f"size_divisor must be a positive int (the model's patch size); got {size_divisor!r}")
+        if do_center_crop:
+            raise ValueError("WeakTrImageProcessor does not center-crop; pass do_center_crop=False")
+
+    # ----------------------------------------------------------------------------------------------- inputs
+
+    @staticmethod
+    def _as_list(inputs, batch_ndim: int, kind: str) -> list:
+        """Flatten one input or a batch of inputs to a list; an array with `batch_ndim` dims is a batch."""
+        if isinstance(inputs, (list, tuple)):
+            items = list(inputs)
+        elif isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == batch_ndim:
+            items = list(inputs)
+        else:
+            items = [inputs]
+        if not items:
+            raise ValueError(f"no {kind} given; pass at least one")
+        return items
+
+    @staticmethod
+    def _open(item, index: int, kind: str):
+        """Open file paths and URLs with PIL, keeping the file's mode (16-bit stays 16-bit)."""
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            if path.startswith(("http://", "https://")):
+                return load_image(path)
+            if not os.path.isfile(path):
+                raise ValueError(f"{kind} {index}: {path!r} is not a file; pass an existing path or an image")
+            with PIL.Image.open(path) as opened:
+                opened.load()
+                return PIL.ImageOps.exif_transpose(opened)
+        if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise ValueError(
+                f"{kind} {index} is a {type(item).__name__}; pass a PIL image, a numpy array, a tensor or a path"
+            )
+        return item
+
+    def _image_to_tensor(self, image, index, do_convert_rgb, do_rescale, rescale_factor, input_data_format, device):
+        """One image -> channels-first tensor (uint8, or float32 in the 8-bit range), RGB if asked."""
+        image = self._open(image, index, "image")
+        if isinstance(image, PIL.Image.Image):
+            try:
+                array = pil_image_to_array(image, convert_rgb=do_convert_rgb)
+            except ValueError as error:
+                raise ValueError(f"image {index}: {error}") from None
+            tensor = torch.from_numpy(np.array(array))
+            input_data_format, white = ChannelDimension.LAST, 255.0
+        else:
+            tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+            if tensor.dtype == torch.uint8:
+                white = 255.0
+            elif tensor.dtype == torch.uint16:
+                tensor, white = tensor.to(torch.float32) * SIXTEEN_BIT_TO_EIGHT_BIT, 255.0
+            elif tensor.is_floating_point():
+                # Float arrays are taken as given: "white" is whatever rescaling maps to 1.0.
+                tensor, white = tensor.to(torch.float32), (1.0 / rescale_factor if do_rescale else 1.0)
+            else:
+                raise ValueError(
+                    f"image {index} has dtype {tensor.dtype}; pass uint8, uint16 or float images (float in the range "
+                    "that `rescale_factor` maps to [0, 1], or set do_rescale=False)"
+                )
+
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        elif tensor.ndim == 3:
+            if input_data_format is None:
+                try:
+                    input_data_format = infer_channel_dimension_format(tensor, num_channels=(1, 3, 4))
+                except ValueError:
+                    raise ValueError(
+                        f"image {index} has shape {tuple(tensor.shape)}: expected (H, W), or 1, 3 or 4 channels "
+                        "first or last; convert it to RGB or grey first"
+                    ) from None
+            if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+                tensor = tensor.permute(2, 0, 1)
+        else:
+            raise ValueError(f"image {index} has shape {tuple(tensor.shape)}; pass (H, W), (H, W, C) or (C, H, W)")
+
+        channels = tensor.shape[0]
+        if channels not in (1, 3, 4):
+            raise ValueError(
+                f"image {index} has {channels} channels; pass 1 (grey), 3 (RGB) or 4 (RGBA) channels, "
+                "or set input_data_format if the channel axis was guessed wrongly"
+            )
+        if do_convert_rgb and channels == 1:
+            tensor = tensor.expand(3, -1, -1)
+        elif do_convert_rgb and channels == 4:
+            rgb, alpha = tensor[:3].to(torch.float32), tensor[3:].to(torch.float32) / white
+            tensor = rgb * alpha + white * (1.0 - alpha)
+        return tensor.contiguous().to(device) if device is not None else tensor.contiguous()
+
+    @staticmethod
+    def _segmentation_map_to_tensor(segmentation_map, index) -> torch.Tensor:
+        """One class-index map -> (1, H, W) int64 tensor."""
+        segmentation_map = WeakTrImageProcessor._open(segmentation_map, index, "segmentation map")
+        if isinstance(segmentation_map, PIL.Image.Image):
+            if len(segmentation_map.getbands()) != 1:
+                raise ValueError(
+                    f"segmentation map {index} has mode {segmentation_map.mode!r}; give class indices as a "
+                    "single-band 'L', 'P' or 'I' image or a 2-D array"
+                )
+            segmentation_map = np.asarray(segmentation_map)
+        if isinstance(segmentation_map, np.ndarray):
+            segmentation_map = torch.from_numpy(np.array(segmentation_map))
+        tensor = segmentation_map
+        if tensor.ndim == 3 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        elif tensor.ndim == 3 and tensor.shape[-1] == 1:
+            tensor = tensor[..., 0]
+        if tensor.ndim != 2:
+            raise ValueError(
+                f"segmentation map {index} has shape {tuple(tensor.shape)}; give class indices as a 2-D (H, W) map"
+            )
+        return tensor.to(torch.int64)[None]
+
+    # ------------------------------------------------------------------------------------------- geometry
+
+    def _resized_size(self, height: int, width: int, size: SizeDict | None = None) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to (shared by preprocessing and post-processing)."""
+        size = size if size is not None else self.size
+        if size.height and size.width:
+            return size.height, size.width
+        return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+
+    @staticmethod
+    def _padded_canvas(sizes, size_divisor: int, pad_size: SizeDict | None) -> tuple[int, int]:
+        """Common padded size of a batch: at least `pad_size`, rounded up to a multiple of `size_divisor`."""
+        minimum = (pad_size.height or 0, pad_size.width or 0) if pad_size is not None else (0, 0)
+        height = max([h for h, _ in sizes] + [minimum[0]])
+        width = max([w for _, w in sizes] + [minimum[1]])
+        return -(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor
+
+    @staticmethod
+    def _pad(tensor: torch.Tensor, canvas: tuple[int, int], fill) -> torch.Tensor:
+        """Pad at the bottom/right only, so the top-left pixels keep their coordinates."""
+        pad_height, pad_width = canvas[0] - tensor.shape[-2], canvas[1] - tensor.shape[-1]
+        if pad_height == 0 and pad_width == 0:
+            return tensor
+        return tvF.pad(tensor, [0, 0, pad_width, pad_height], fill=fill)
+
+    def _resize(self, tensors, do_resize, size, resample, disable_grouping) -> list[torch.Tensor]:
+        """Resize a list of (C, H, W) tensors, batching those of equal shape."""
+        if not do_resize:
+            return tensors
+        grouped, index = group_images_by_shape(tensors, disable_grouping=disable_grouping)
+        resized = {}
+        for shape, stacked in grouped.items():
+            height, width = self._resized_size(stacked.shape[-2], stacked.shape[-1], size)
+            resized[shape] = self.resize(stacked, SizeDict(height=height, width=width), resample=resample)
+        return reorder_images(resized, index)
+
+    # -------------------------------------------------------------------------------------- preprocessing
+
+    def _preprocess_image_like_inputs(
+        self,
+        images,
+        segmentation_maps=None,
+        *,
+        do_convert_rgb,
+        do_resize,
+        size,
+        resample,
+        do_rescale,
+        rescale_factor,
+        do_normalize,
+        image_mean,
+        image_std,
+        do_pad,
+        pad_size,
+        size_divisor,
+        do_reduce_labels,
+        input_data_format=None,
+        device=None,
+        disable_grouping=None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = [
+            self._image_to_tensor(image, i, do_convert_rgb, do_rescale, rescale_factor, input_data_format, device)
+            for i, image in enumerate(self._as_list(images, batch_ndim=4, kind="images"))
+        ]
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+
+        images = self._resize(images, do_resize, size, resample, disable_grouping)
+        grouped, index = group_images_by_shape(images, disable_grouping=disable_grouping)
+        normalized = {
+            shape: self.rescale_and_normalize(
+                stacked.to(torch.float32), do_rescale, rescale_factor, do_normalize, image_mean, image_std
+            )
+            for shape, stacked in grouped.items()
+        }
+        images = reorder_images(normalized, index)
+        canvas = self._padded_canvas([i.shape[-2:] for i in images], size_divisor, pad_size) if do_pad else None
+        if canvas is not None:
+            images = [self._pad(image, canvas, fill=0.0) for image in images]
+        data = {"pixel_values": images}
+
+        if segmentation_maps is not None:
+            segmentation_maps = self._as_list(segmentation_maps, batch_ndim=3, kind="segmentation maps")
+            maps = [self._segmentation_map_to_tensor(label_map, i) for i, label_map in enumerate(segmentation_maps)]
+            if len(maps) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(maps)} segmentation maps; pass one map per image")
+            for i, (label_map, original_size) in enumerate(zip(maps, original_sizes, strict=True)):
+                if tuple(label_map.shape[-2:]) != original_size:
+                    raise ValueError(
+                        f"segmentation map {i} is {tuple(label_map.shape[-2:])} (height, width) but image {i} is "
+                        f"{original_size}; give each image a map of its own size"
+                    )
+            if do_reduce_labels:
+                maps = [reduce_labels(label_map) for label_map in maps]
+            maps = self._resize(maps, do_resize, size, PILImageResampling.NEAREST, disable_grouping)
+            if canvas is not None:
+                maps = [self._pad(label_map, canvas, fill=IGNORE_INDEX) for label_map in maps]
+            data["labels"] = [label_map[0].to(device) if device is not None else label_map[0] for label_map in maps]
+
+        if return_tensors is not None and len({tuple(image.shape) for image in images}) > 1:
+            raise ValueError(
+                f"images were resized to different sizes {sorted({tuple(i.shape[-2:]) for i in images})} and cannot "
+                "be stacked; use a fixed size {'height', 'width'}, do_pad=True, or return_tensors=None"
+            )
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------------------------- post-processing
+
+    def _target_sizes(self, target_sizes, batch_size: int) -> list[tuple[int, int]]:
+        if isinstance(target_sizes, torch.Tensor):
+            target_sizes = target_sizes.tolist()
+        if len(target_sizes) != batch_size:
+            raise ValueError(
+                f"got {len(target_sizes)} target sizes for a batch of {batch_size}; pass one (height, width) per image"
+            )
+        return [(int(height), int(width)) for height, width in target_sizes]
+
+    def _upsample_to_image(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """Bilinearly upsample patch-resolution (C, h, w) maps to the original image size.
+
+        The maps cover `size_divisor` pixels per cell of the (resized, possibly padded) input; any bottom/right
+        padding beyond the resized image is cropped before resizing to `original_size`. This is why `size_divisor`
+        must be the model's patch size: a smaller value makes the maps seem to cover less than the image, and they are
+        then stretched over it uncropped.
+        """
+        resized = self._resized_size(*original_size) if self.do_resize else original_size
+        covered = (maps.shape[-2] * self.size_divisor, maps.shape[-1] * self.size_divisor)
+        maps = maps[None].to(torch.float32)
+        if covered != tuple(resized):
+            maps = F.interpolate(maps, size=covered, mode="bilinear", align_corners=False)
+            maps = maps[..., : resized[0], : resized[1]]
+        return F.interpolate(maps, size=original_size, mode="bilinear", align_corners=False)[0]
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+        """
+        Turn [`WeakTrForSemanticSegmentation`] logits (B, num_labels, h, w) into label maps.
+
+        Args:
+            outputs: model outputs with `logits`.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor` (B, 2), *optional*):
+                The ORIGINAL (height, width) of each image. Logits are upsampled bilinearly, the padding (bottom/right)
+                is cropped using this processor's `size` / `do_resize` / `size_divisor`, then resized to the target.
+                Without it, the argmax is taken at logits resolution (padding included).
+
+        Returns:
+            `list[torch.Tensor]`: one (H, W) int64 CPU tensor of label ids per image.
+        """
+        logits = outputs.logits
+        if target_sizes is None:
+            return [logit.argmax(dim=0).to(torch.int64).cpu() for logit in logits]
+        sizes = self._target_sizes(target_sizes, len(logits))
+        maps = [self._upsample_to_image(logit, size) for logit, size in zip(logits, sizes, strict=True)]
+        return [scores.argmax(dim=0).to(torch.int64).cpu() for scores in maps]
+
+    def post_process_cams(
+        self, outputs, labels, target_sizes=None, threshold: float = 0.43, cam: str = "fine_cam"
+    ) -> list[torch.Tensor]:
+        """
+        Turn [`WeakTrForCAM`] CAMs into pseudo-label maps (single scale, no CRF).
+
+        Upsample bilinearly (cropping padding as in `post_process_semantic_segmentation`), ReLU, zero the classes
+        absent from `labels`, min-max normalise each present class to [0, 1] (`normalize_cams`), then argmax over
+        [threshold, CAMs] (`cams_to_label_map`).
+
+        Args:
+            outputs: a `WeakTrCAMOutput` (or anything with the attribute named by `cam`, shape (B, C, h, w)).
+            labels: image-level labels, a multi-hot (B, C) tensor/array or a list of lists of class ids.
+            target_sizes (*optional*): the ORIGINAL (height, width) of each image; without it, maps stay at (h, w).
+            threshold (`float`, defaults to 0.43): background score (0.43 VOC, 0.42 COCO in the paper).
+            cam (`str`, defaults to `"fine_cam"`): `"fine_cam"`, `"coarse_cam"` or `"cross_attention"`.
+
+        Returns:
+            `list[torch.Tensor]`: one (H, W) int64 CPU tensor per image, 0 = background, k + 1 = foreground class k.
+        """
+        if cam not in CAM_OUTPUT_NAMES:
+            raise ValueError(f"cam must be one of {CAM_OUTPUT_NAMES}; got {cam!r}")
+        cams = getattr(outputs, cam, None)
+        if cams is None:
+            raise ValueError(f"outputs have no {cam!r}; pass the output of WeakTrForCAM")
+        batch_size, num_classes = cams.shape[:2]
+        present = self._present_classes(labels, batch_size, num_classes)
+        sizes = self._target_sizes(target_sizes, batch_size) if target_sizes is not None else None
+        label_maps = []
+        for i in range(batch_size):
+            maps = cams[i].to(torch.float32)
+            if sizes is not None:
+                maps = self._upsample_to_image(maps, sizes[i])
+            maps = normalize_cams(maps.relu(), present[i])
+            label_maps.append(cams_to_label_map(maps, present[i], threshold).to(torch.int64).cpu())
+        return label_maps
+
+    @staticmethod
+    def _present_classes(labels, batch_size: int, num_classes: int) -> torch.Tensor:
+        """Image-level labels (multi-hot tensor/array, or lists of class ids) -> boolean (B, C)."""
+        if isinstance(labels, (torch.Tensor, np.ndarray)):
+            present = torch.as_tensor(labels)
+            if tuple(present.shape) != (batch_size, num_classes):
+                raise ValueError(
+                    f"labels have shape {tuple(present.shape)} but the CAMs need multi-hot "
+                    f"({batch_size}, {num_classes})"
+                )
+            return present > 0
+        if len(labels) != batch_size:
+            raise ValueError(f"got class-id lists for {len(labels)} images but the CAMs hold {batch_size}")
+        present = torch.zeros(batch_size, num_classes, dtype=torch.bool)
+        for i, class_ids in enumerate(labels):
+            for class_id in class_ids:
+                if not 0 <= int(class_id) < num_classes:
+                    raise ValueError(f"image {i} has class id {class_id}; ids must be in [0, {num_classes})")
+                present[i, int(class_id)] = True
+        return present
+
+
+__all__ = ["WeakTrImageProcessor", "normalize_cams", "cams_to_label_map", "pil_image_to_array", "reduce_labels"]
