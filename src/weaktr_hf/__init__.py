@@ -5,12 +5,14 @@ Importing the package registers the `weaktr` model type with transformers' Auto 
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
 )
 
 from .configuration_weaktr import WeakTrConfig
+from .image_processing_weaktr import WeakTrImageProcessor, cams_to_label_map, normalize_cams
 from .modeling_weaktr import (
     WeakTrCAMOutput,
     WeakTrForCAM,
@@ -30,6 +32,7 @@ AutoConfig.register("weaktr", WeakTrConfig, exist_ok=True)
 AutoModel.register(WeakTrConfig, WeakTrModel, exist_ok=True)
 AutoModelForImageClassification.register(WeakTrConfig, WeakTrForCAM, exist_ok=True)
 AutoModelForSemanticSegmentation.register(WeakTrConfig, WeakTrForSemanticSegmentation, exist_ok=True)
+AutoImageProcessor.register(WeakTrConfig, image_processor_classes={"torchvision": WeakTrImageProcessor}, exist_ok=True)
 
 # Saved folders carry their code and an `auto_map`, so they also load with `trust_remote_code=True` where this
 # package is not installed.
@@ -44,11 +47,14 @@ __all__ = [
     "WeakTrConfig",
     "WeakTrForCAM",
     "WeakTrForSemanticSegmentation",
+    "WeakTrImageProcessor",
     "WeakTrModel",
     "WeakTrModelOutput",
     "WeakTrPreTrainedModel",
+    "cams_to_label_map",
     "clip_pixel_losses",
     "load_timm_backbone",
+    "normalize_cams",
     "semantic_segmentation_loss",
     "upsample_logits",
 ]
