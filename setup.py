@@ -38,9 +38,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    package_data={"weaktr_hf": ["metrics/*.py", "model_cards/*.md"]},
+    # model_cards/ lives at the repository root and ships inside the package as weaktr_hf.model_cards.
+    package_dir={"": "src", "weaktr_hf.model_cards": "model_cards"},
+    packages=find_packages("src") + ["weaktr_hf.model_cards"],
+    package_data={"weaktr_hf": ["metrics/*.py"], "weaktr_hf.model_cards": ["*.md"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=install_requires,
