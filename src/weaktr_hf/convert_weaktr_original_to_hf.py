@@ -1,0 +1,728 @@
+"""Convert the WeakTr authors' released checkpoints (hustvl/WeakTr) to weaktr-hf `from_pretrained` folders.
+
+Step 1 (`--stage cam`) checkpoints hold the CAM model (C class tokens, 3x3-conv head, Adaptive Attention Fusion);
+step 2 (`--stage seg`) checkpoints hold the Segmenter-style model (`encoder.*` ViT, `decoder.*` mask transformer).
+Both are plain `torch.save` dicts, usually under a `model` key (see "Checkpoint layouts" in docs/METHOD.md). Files
+are read with `torch.load(weights_only=True)`: nothing in them is unpickled as code.
+
+The config is inferred from tensor shapes; every source key is either mapped or one of the few keys the authors'
+models carry but never use (`UNUSED_KEYS`), and anything else is an error. `convert_state_dict` is the mapping as a
+function (the training script can initialise from an authors' checkpoint with it); `to_original_state_dict` is its
+inverse, so a round trip can be checked for losslessness.
+
+    python -m weaktr_hf.convert_weaktr_original_to_hf --checkpoint_path WeakTr_CAM.pth --stage cam \
+        --dataset voc12 --output_dir weaktr-deit-small-voc12-cam
+"""
+
+import argparse
+import hashlib
+import logging
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from string import Template
+
+import torch
+from huggingface_hub import HfApi
+from transformers.initialization import no_init_weights
+
+from .configuration_weaktr import AAF_POOLINGS, WeakTrConfig
+from .image_processing_weaktr import WeakTrImageProcessor
+from .labels import BACKGROUND, label_layouts
+from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrPreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("cam", "seg")
+DATASETS = ("voc12", "coco14")
+MODEL_CLASSES = {"cam": WeakTrForCAM, "seg": WeakTrForSemanticSegmentation}
+
+# Keys the authors' models hold but never use in their forward pass. Step 1: the ViT's final norm (the CAM forward
+# never applies it). Step 2: the ImageNet classifier heads of the encoder and the DeiT distillation token (dropped:
+# our step-2 encoder has one prefix token; see `_drop_distillation_token`).
+UNUSED_KEYS = {
+    "cam": ("norm.weight", "norm.bias"),
+    "seg": (
+        "encoder.head.weight", "encoder.head.bias", "encoder.head_dist.weight", "encoder.head_dist.bias",
+        "encoder.dist_token",
+    ),
+}  # fmt: skip
+
+# Image normalisation of the authors' recipes: DeiT backbones use ImageNet statistics, augreg ViT backbones 0.5.
+NORMALIZATIONS = {
+    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+# Authors' step-2 variants whose blocks differ from a plain ViT (LayerScale, rotary embeddings, SwiGLU, q/v biases)
+# or whose decoder is not the mask transformer; they cannot be represented by WeakTrForSemanticSegmentation.
+UNSUPPORTED_KEY_HINTS = (
+    (re.compile(r"(^|\.)ls[12]\.gamma$"), "LayerScale (the authors' DINOv2-S variant)"),
+    (re.compile(r"(^|\.)(rope\.|q_bias$|v_bias$|mlp\.w12\.)"), "rotary embeddings / SwiGLU (the EVA-02-S variant)"),
+    (re.compile(r"^decoder\.head\."), "a linear decoder instead of the mask transformer"),
+)
+
+PAPER = (
+    "Zhu et al., WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation "
+    "(arXiv 2304.01184)"
+)
+# Numbers the paper / the authors' README report for their released checkpoints (docs/METHOD.md).
+REPORTED_RESULTS = {
+    ("cam", "voc12"): [
+        "mIoU of the CAM pseudo-labels on PASCAL VOC 2012 train, DeiT-S: **69.4%** (multi-scale CAMs, background "
+        "threshold, dense CRF)",
+    ],
+    ("cam", "coco14"): [
+        "mIoU of the CAM pseudo-labels on COCO 2014 train, DeiT-S: **42.6%** (multi-scale CAMs, background "
+        "threshold, dense CRF)",
+    ],
+    ("seg", "voc12"): [
+        "PASCAL VOC 2012 val mIoU, DeiT-S: **74.0%**",
+        "PASCAL VOC 2012 val mIoU, ViT-S (ImageNet-21k, `--normalization vit`): **78.4%**",
+    ],
+    ("seg", "coco14"): [
+        "COCO 2014 val mIoU, DeiT-S: **46.9%**",
+        "COCO 2014 val mIoU, ViT-S (ImageNet-21k, `--normalization vit`): **50.3%**",
+    ],
+}
+DATASET_CARD_NAMES = {"voc12": ("PASCAL VOC 2012", "pascal-voc-2012"), "coco14": ("COCO 2014", "coco-2014")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _numpy_scalar_globals():
+    """numpy scalar and numeric dtype constructors: they rebuild numbers (e.g. a saved `miou`), never run code."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    numeric = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+               "float64")  # fmt: skip
+    return [core.multiarray.scalar, np.dtype, *{type(np.dtype(name)) for name in numeric}]
+
+
+def load_original_checkpoint(checkpoint_path):
+    """Read an authors' checkpoint file (`.pth` / `.pt` via `torch.load(weights_only=True)`, or `.safetensors`).
+
+    Only tensors, containers, numbers and numpy scalars are rebuilt. A file that needs any other object unpickled
+    raises a `ValueError` naming those objects and saying how to re-save the weights as a plain state dict.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # the listing is a courtesy; the message below stands without it
+            objects = []
+        allowed = {f"{obj.__module__}.{obj.__qualname__}" for obj in _numpy_scalar_globals()}
+        objects = [name for name in objects if name not in allowed]
+        raise ValueError(
+            f"{str(path)!r} cannot be read with torch.load(weights_only=True): it stores objects that would have to "
+            f"be unpickled as code ({', '.join(objects) or error}). This converter never does that. If you trust "
+            f"the file, re-save its weights as a plain state dict and convert that file instead:\n"
+            f"    python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save(c.get('model', c), 'weights_only.pth')\""
+        ) from None
+
+
+def unwrap_state_dict(checkpoint):
+    """The model's state dict inside a checkpoint: under `model` / `state_dict` / `module` keys (possibly nested),
+    with a DistributedDataParallel `module.` prefix removed from the key names."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"Expected a checkpoint dict (a state dict, or a dict with the state dict under 'model'), got "
+            f"{type(checkpoint).__name__}."
+        )
+    state_dict = checkpoint
+    while True:
+        wrapper = next((k for k in ("model", "state_dict", "module") if isinstance(state_dict.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        state_dict = state_dict[wrapper]
+    unwrapped = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"Checkpoint entry {key!r} is a {type(value).__name__}, not a tensor: expected a state dict of the "
+                f"authors' model (top-level keys {list(checkpoint)[:10]})."
+            )
+        name = key.removeprefix("module.")
+        if name in unwrapped:
+            raise ValueError(f"Checkpoint holds both {name!r} and 'module.{name}'; keep one copy of the weights.")
+        unwrapped[name] = value
+    return unwrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key mapping
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def original_key_to_hf(key, stage):
+    """Authors' key -> weaktr-hf key (or None for a key this mapping does not know)."""
+    if stage == "cam":
+        if key.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.")):
+            return f"weaktr.{key}"
+        if key.startswith(("head.", "adaptive_attention_fusion.")):
+            return key
+        return None
+    if key.startswith("encoder."):
+        return "weaktr." + key.removeprefix("encoder.")
+    if key.startswith("decoder."):
+        return key
+    return None
+
+
+def hf_key_to_original(key, stage):
+    """weaktr-hf key -> authors' key (the inverse of `original_key_to_hf`)."""
+    if stage == "cam":
+        return key.removeprefix("weaktr.")
+    if key.startswith("weaktr."):
+        return "encoder." + key.removeprefix("weaktr.")
+    return key
+
+
+def _check_stage(stage):
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} ('cam' = step 1, 'seg' = step 2), got {stage!r}.")
+
+
+def _require(state_dict, key, stage):
+    """`state_dict[key]`, or an error that says which stage the keys look like instead."""
+    if key in state_dict:
+        return state_dict[key]
+    hint = ""
+    if stage == "cam" and any(k.startswith("encoder.") for k in state_dict):
+        hint = " Its keys start with 'encoder.' as a step-2 checkpoint's do: use stage 'seg'."
+    elif stage == "seg" and "cls_token" in state_dict:
+        hint = " Its keys look like a step-1 checkpoint's (top-level 'cls_token'): use stage 'cam'."
+    elif stage == "cam" and getattr(state_dict.get("head.weight"), "ndim", 0) == 2:
+        hint = (
+            " It has a linear 'head' like an ImageNet ViT classifier; initialise a new model from such weights with "
+            "weaktr_hf.load_timm_backbone instead."
+        )
+    raise ValueError(
+        f"Checkpoint has no {key!r}, which every step-{1 if stage == 'cam' else 2} ({stage!r}) checkpoint of the "
+        f"authors holds.{hint}"
+    )
+
+
+def _layer_count(state_dict, prefix):
+    """Number of transformer blocks under `prefix` (`blocks.` / `encoder.blocks.` / `decoder.blocks.`)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    indices = {int(m.group(1)) for m in map(pattern.match, state_dict) if m}
+    if not indices:
+        raise ValueError(f"Checkpoint has no '{prefix}<i>.*' keys: no transformer blocks found.")
+    if indices != set(range(len(indices))):
+        missing = sorted(set(range(max(indices) + 1)) - indices)
+        raise ValueError(f"Checkpoint blocks '{prefix}<i>' are not numbered 0..{max(indices)}: missing {missing}.")
+    return len(indices)
+
+
+def _heads_by_width(width, what):
+    """DeiT / ViT encoders and the authors' decoder (`n_heads = width // 64`) use 64-wide attention heads."""
+    if width % 64:
+        raise ValueError(
+            f"Cannot infer the {what} attention heads of width {width} (not a multiple of the usual 64-wide heads); "
+            f"pass it explicitly ({'--decoder_num_attention_heads' if what == 'decoder' else '--num_attention_heads'})."
+        )
+    return width // 64
+
+
+def _patch_grid(num_patch_rows, patch_size, image_size, what):
+    """Training image size from the number of patch rows of a position table (square unless given)."""
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if (height // patch_size) * (width // patch_size) != num_patch_rows:
+            raise ValueError(
+                f"image_size {image_size!r} gives {(height // patch_size) * (width // patch_size)} patches at patch "
+                f"size {patch_size}, but {what} has {num_patch_rows} patch rows."
+            )
+        return image_size
+    side = math.isqrt(num_patch_rows)
+    if side * side != num_patch_rows:
+        raise ValueError(
+            f"{what} has {num_patch_rows} patch rows, not a square grid; pass image_size=(height, width) of the "
+            f"training crop."
+        )
+    return side * patch_size
+
+
+def _encoder_fields(state_dict, stage, num_prefix_tokens, image_size):
+    """Encoder config fields read from the shapes of the patch embedding, position table and blocks."""
+    prefix = "encoder." if stage == "seg" else ""
+    patch_weight = _require(state_dict, f"{prefix}patch_embed.proj.weight", stage)
+    hidden_size, num_channels, patch_h, patch_w = patch_weight.shape
+    if patch_h != patch_w:
+        raise ValueError(f"Patch embedding kernel is {patch_h}x{patch_w}; only square patches are supported.")
+    pos_embed = _require(state_dict, f"{prefix}pos_embed", stage)
+    num_patch_rows = pos_embed.shape[1] - num_prefix_tokens
+    layers = _layer_count(state_dict, f"{prefix}blocks.")
+    return dict(
+        hidden_size=hidden_size,
+        num_channels=num_channels,
+        patch_size=patch_h,
+        image_size=_patch_grid(num_patch_rows, patch_h, image_size, f"'{prefix}pos_embed'"),
+        num_hidden_layers=layers,
+        intermediate_size=_require(state_dict, f"{prefix}blocks.0.mlp.fc1.weight", stage).shape[0],
+        qkv_bias=f"{prefix}blocks.0.attn.qkv.bias" in state_dict,
+    )
+
+
+def _dataset_layouts(stage):
+    """Known class layouts of a step: dataset -> list of id2label (VOC; COCO raw ids first, then contiguous)."""
+    with_background = stage == "seg"
+    layouts = label_layouts()
+    return {
+        "voc12": [layouts[("voc12", with_background)]],
+        "coco14": [layouts[("coco14-raw", with_background)], layouts[("coco14", with_background)]],
+    }
+
+
+def infer_dataset(stage, num_labels):
+    """The dataset whose class count (20 / 21 VOC, 90 / 91 COCO raw ids, 80 / 81 COCO contiguous) is `num_labels`."""
+    for name, candidates in _dataset_layouts(stage).items():
+        if any(len(layout) == num_labels for layout in candidates):
+            return name
+    return None
+
+
+def resolve_id2label(stage, num_labels, dataset=None):
+    """Class names for `num_labels` classes of a step-1 (`"cam"`) or step-2 (`"seg"`) model.
+
+    With `dataset` the layout must match the class count; without, it is inferred from the count (`infer_dataset`),
+    else the names are generic (`class_<i>`, with background as label 0 for step 2).
+    """
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}.")
+    name = dataset or infer_dataset(stage, num_labels)
+    if name is not None:
+        candidates = _dataset_layouts(stage)[name]
+        for layout in candidates:
+            if len(layout) == num_labels:
+                return dict(layout)
+        counts = " or ".join(str(len(layout)) for layout in candidates)
+        raise ValueError(
+            f"The checkpoint has {num_labels} classes, but a step-{1 if stage == 'cam' else 2} {name} model has "
+            f"{counts}. Check --dataset (or leave it out for generic class names)."
+        )
+    logger.info("%d classes match no known dataset layout: using generic class names.", num_labels)
+    if stage == "seg":
+        return {0: BACKGROUND, **{i: f"class_{i}" for i in range(1, num_labels)}}
+    return {i: f"class_{i}" for i in range(num_labels)}
+
+
+def _cam_config_fields(state_dict, overrides):
+    num_labels = _require(state_dict, "cls_token", "cam").shape[1]
+    fields = _encoder_fields(state_dict, "cam", num_labels, overrides.get("image_size"))
+    fields["num_labels"] = num_labels
+    head_in = _require(state_dict, "adaptive_attention_fusion.attn_head_ffn.0.weight", "cam")
+    feat_in = _require(state_dict, "adaptive_attention_fusion.attn_feat_ffn.0.weight", "cam")
+    # The fusion sees K = layers x heads attention maps, so its first linear fixes the number of heads.
+    reduced_channels, channels = head_in.shape
+    if channels % fields["num_hidden_layers"]:
+        raise ValueError(
+            f"adaptive_attention_fusion.attn_head_ffn.0.weight has {channels} inputs, not a multiple of the "
+            f"{fields['num_hidden_layers']} layers: this is not a WeakTr step-1 fusion module."
+        )
+    heads = channels // fields["num_hidden_layers"]
+    requested = overrides.get("num_attention_heads")
+    if requested is not None and requested != heads:
+        raise ValueError(
+            f"num_attention_heads={requested} disagrees with the checkpoint: its Adaptive Attention Fusion weighs "
+            f"{channels} attention maps = {fields['num_hidden_layers']} layers x {heads} heads."
+        )
+    fields["num_attention_heads"] = heads
+    fields["aaf_reduction"] = channels // reduced_channels
+    fields["aaf_feat_reduction"] = (fields["hidden_size"] // heads) // feat_in.shape[0]
+    fields["layer_norm_eps"] = 1e-6  # timm DeiT norm layer of the step-1 model
+    return fields
+
+
+def _seg_config_fields(state_dict, overrides):
+    num_prefix_tokens = 2 if "encoder.dist_token" in state_dict else 1
+    fields = _encoder_fields(state_dict, "seg", num_prefix_tokens, overrides.get("image_size"))
+    fields["num_attention_heads"] = overrides.get("num_attention_heads") or _heads_by_width(
+        fields["hidden_size"], "encoder"
+    )
+    cls_emb = _require(state_dict, "decoder.cls_emb", "seg")
+    proj_dec = _require(state_dict, "decoder.proj_dec.weight", "seg")
+    if proj_dec.shape[1] != fields["hidden_size"]:
+        raise ValueError(
+            f"decoder.proj_dec.weight takes {proj_dec.shape[1]} inputs but the encoder is {fields['hidden_size']} "
+            f"wide: encoder and decoder come from different models."
+        )
+    fields["num_labels"] = cls_emb.shape[1]
+    fields["decoder_hidden_size"] = proj_dec.shape[0]
+    fields["decoder_num_hidden_layers"] = _layer_count(state_dict, "decoder.blocks.")
+    fields["decoder_intermediate_size"] = _require(state_dict, "decoder.blocks.0.mlp.fc1.weight", "seg").shape[0]
+    fields["decoder_num_attention_heads"] = overrides.get("decoder_num_attention_heads") or _heads_by_width(
+        fields["decoder_hidden_size"], "decoder"
+    )
+    fields["layer_norm_eps"] = 1e-5  # the authors' step-2 ViT uses nn.LayerNorm's default epsilon
+    fields["decoder_layer_norm_eps"] = 1e-5
+    return fields
+
+
+def _seg_fusion_defaults(fields, overrides):
+    """Step 2 has no fusion module, but WeakTrConfig validates the step-1 reductions against the encoder size: keep
+    the defaults unless an encoder too small for them says otherwise."""
+    defaults = WeakTrConfig()
+    heads = fields["num_attention_heads"]
+    channels, head_dim = fields["num_hidden_layers"] * heads, max(fields["hidden_size"] // heads, 1)
+    return {
+        "aaf_reduction": overrides.get("aaf_reduction", min(defaults.aaf_reduction, channels)),
+        "aaf_feat_reduction": overrides.get("aaf_feat_reduction", min(defaults.aaf_feat_reduction, head_dim)),
+    }
+
+
+def _drop_distillation_token(state_dict):
+    """Remove a DeiT distillation token and its position row (row 1: the table is [cls, dist, patches])."""
+    if "encoder.dist_token" not in state_dict:
+        return state_dict
+    state_dict = dict(state_dict)
+    pos_embed = state_dict["encoder.pos_embed"]
+    state_dict["encoder.pos_embed"] = torch.cat([pos_embed[:, :1], pos_embed[:, 2:]], dim=1)
+    logger.warning(
+        "The checkpoint's encoder has a DeiT distillation token; it is dropped with its position row. In the "
+        "authors' model that token also takes part in self-attention, so the converted model's outputs differ "
+        "from the source model's."
+    )
+    return state_dict
+
+
+def _unsupported_variant(keys):
+    for key in keys:
+        for pattern, what in UNSUPPORTED_KEY_HINTS:
+            if pattern.search(key):
+                return f" Key {key!r} indicates {what}, which weaktr-hf does not implement."
+    return ""
+
+
+def convert_state_dict(state_dict, stage, dataset=None, **config_overrides):
+    """
+    Convert an authors' state dict (optionally wrapped under `model` / `module.`) to a weaktr-hf config and state
+    dict for `WeakTrForCAM` (`stage="cam"`) or `WeakTrForSemanticSegmentation` (`stage="seg"`).
+
+    Shapes give the width, depth, patch and grid size, MLP width, class count, the fusion's reductions and (step 1)
+    the number of heads; `config_overrides` set any other `WeakTrConfig` field (e.g. `num_attention_heads` /
+    `decoder_num_attention_heads` for step 2, `aaf_pooling`, `id2label`) and must agree with the shapes. `dataset`
+    (`"voc12"` / `"coco14"`) picks the class names (see `resolve_id2label`).
+
+    Returns `(config, state_dict)`; raises `ValueError` naming any source key that is neither mapped nor in
+    `UNUSED_KEYS`, any key the model needs that the checkpoint lacks, and any shape mismatch.
+    """
+    _check_stage(stage)
+    known_fields = set(WeakTrConfig().to_dict())
+    unknown = sorted(set(config_overrides) - known_fields)
+    if unknown:
+        raise ValueError(f"Unknown WeakTrConfig fields {unknown}; see WeakTrConfig's docstring for valid names.")
+    if "aaf_pooling" in config_overrides and config_overrides["aaf_pooling"] not in AAF_POOLINGS:
+        raise ValueError(f"aaf_pooling must be one of {AAF_POOLINGS}, got {config_overrides['aaf_pooling']!r}.")
+    source = unwrap_state_dict(state_dict)
+    variant_hint = _unsupported_variant(source)
+    if variant_hint:
+        raise ValueError(f"This checkpoint is not a plain-ViT WeakTr model.{variant_hint}")
+
+    read_fields = _cam_config_fields if stage == "cam" else _seg_config_fields
+    fields = read_fields(source, config_overrides)
+    if stage == "seg":
+        source = _drop_distillation_token(source)
+    for name, value in config_overrides.items():
+        if name in fields and name != "image_size" and value != fields[name]:
+            raise ValueError(f"{name}={value!r} disagrees with the checkpoint's shapes, which give {fields[name]!r}.")
+    overrides = {k: v for k, v in config_overrides.items() if k not in ("id2label", "label2id")}
+    if stage == "seg":
+        overrides.update(_seg_fusion_defaults(fields, overrides))
+    num_labels = fields.pop("num_labels")
+    id2label = config_overrides.get("id2label")
+    if id2label is None:
+        id2label = resolve_id2label(stage, num_labels, dataset)
+    elif len(id2label) != num_labels:
+        raise ValueError(f"id2label has {len(id2label)} entries but the checkpoint has {num_labels} classes.")
+    config = WeakTrConfig(**{**fields, **overrides, "id2label": {int(k): v for k, v in id2label.items()}})
+    _check_reductions(config, source, stage)
+
+    expected = _expected_shapes(config, stage)
+    converted, unmapped = {}, []
+    for key, value in source.items():
+        target = original_key_to_hf(key, stage)
+        if target is None or target not in expected:
+            if key not in UNUSED_KEYS[stage]:
+                unmapped.append(key)
+            continue
+        converted[target] = value
+    missing = [hf_key_to_original(key, stage) for key in expected if key not in converted]
+    if unmapped or missing:
+        raise ValueError(
+            f"The checkpoint does not match a step-{1 if stage == 'cam' else 2} WeakTr model with the inferred config"
+            f" ({_describe(config, stage)}): unexpected keys {unmapped}, missing keys {missing}. Unexpected keys are "
+            f"neither mapped nor known to be unused; check --stage and that the file is an authors' WeakTr "
+            f"checkpoint."
+        )
+    for key, value in converted.items():
+        if tuple(value.shape) != expected[key]:
+            raise ValueError(
+                f"Checkpoint key {hf_key_to_original(key, stage)!r} has shape {tuple(value.shape)}, but the inferred "
+                f"config ({_describe(config, stage)}) needs {expected[key]}."
+            )
+    unused = sorted(set(source) & set(UNUSED_KEYS[stage]))
+    if unused:
+        logger.info("Keys the authors' model holds but never uses, not converted: %s", unused)
+    return config, converted
+
+
+def _check_reductions(config, source, stage):
+    """`int(K / r)`-style widths are not always reproduced by `K // r'`; fail loudly rather than mis-shape."""
+    if stage != "cam":
+        return
+    channels = config.num_hidden_layers * config.num_attention_heads
+    head_out = source["adaptive_attention_fusion.attn_head_ffn.0.weight"].shape[0]
+    feat_out = source["adaptive_attention_fusion.attn_feat_ffn.0.weight"].shape[0]
+    if channels // config.aaf_reduction != head_out or config.head_dim // config.aaf_feat_reduction != feat_out:
+        raise ValueError(
+            f"The fusion's bottlenecks ({channels} -> {head_out}, {config.head_dim} -> {feat_out}) are not an integer "
+            f"reduction WeakTrConfig can express (aaf_reduction, aaf_feat_reduction)."
+        )
+
+
+def _empty_model(config, stage):
+    """The weaktr-hf model for `config` with its random initialisation skipped (every weight is loaded after)."""
+    with no_init_weights():
+        return MODEL_CLASSES[stage](config)
+
+
+def _expected_shapes(config, stage):
+    """Key -> shape of the weaktr-hf model for `config`."""
+    return {key: tuple(value.shape) for key, value in _empty_model(config, stage).state_dict().items()}
+
+
+def _describe(config, stage):
+    text = (
+        f"width {config.hidden_size}, depth {config.num_hidden_layers}, heads {config.num_attention_heads}, patch "
+        f"{config.patch_size}, image {config.image_size}, {config.num_labels} classes"
+    )
+    if stage == "seg":
+        text += (
+            f", decoder width {config.decoder_hidden_size} depth {config.decoder_num_hidden_layers} heads "
+            f"{config.decoder_num_attention_heads}"
+        )
+    return text
+
+
+def to_original_state_dict(model_or_state_dict, stage=None):
+    """
+    weaktr-hf model or state dict -> the authors' key layout (the inverse of `convert_state_dict`).
+
+    Keys the authors' models hold but never use (`UNUSED_KEYS`: the step-1 final norm, the step-2 classifier heads
+    and distillation token) are not recreated; the authors load with `strict=False`. `stage` is read from the model
+    class or the keys when not given.
+    """
+    if isinstance(model_or_state_dict, WeakTrPreTrainedModel):
+        if stage is None:
+            stage = "seg" if isinstance(model_or_state_dict, WeakTrForSemanticSegmentation) else "cam"
+        state_dict = model_or_state_dict.state_dict()
+    else:
+        state_dict = model_or_state_dict
+        if stage is None:
+            stage = "seg" if any(key.startswith("decoder.") for key in state_dict) else "cam"
+    _check_stage(stage)
+    return {hf_key_to_original(key, stage): value for key, value in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving: model, image processor, model card, Hub upload
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_image_processor(config, stage, normalization="deit"):
+    """The recipe's preprocessing: ImageNet (DeiT) or 0.5 (augreg ViT) statistics, the training size of the step."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
+    mean, std = NORMALIZATIONS[normalization]
+    height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
+    return WeakTrImageProcessor(
+        size={"height": height, "width": width}, size_divisor=config.patch_size, image_mean=list(mean),
+        image_std=list(std),
+    )  # fmt: skip
+
+
+def _template_dirs():
+    """Where the model-card templates live: inside the package when installed, else the repository's model_cards/."""
+    here = Path(__file__).resolve().parent
+    return [here / "model_cards", here.parents[1] / "model_cards"]
+
+
+def render_model_card(config, stage, dataset, source_name, source_sha256, normalization, model_id, notes=()):
+    """The model card (README.md) of a converted checkpoint, from `model_cards/converted_{stage}.md`.
+
+    `model_id` is what the usage snippet loads (the Hub repository, or the output folder's name).
+    """
+    template_name = f"converted_{stage}.md"
+    for directory in _template_dirs():
+        if (directory / template_name).is_file():
+            template = Template((directory / template_name).read_text(encoding="utf-8"))
+            break
+    else:
+        raise FileNotFoundError(
+            f"Model card template {template_name} not found in {[str(d) for d in _template_dirs()]}; reinstall "
+            f"weaktr-hf from a source checkout."
+        )
+    dataset_name, dataset_id = DATASET_CARD_NAMES.get(dataset, ("an unidentified dataset", None))
+    results = REPORTED_RESULTS.get((stage, dataset))
+    if results:
+        reported = "\n".join(f"- {line}" for line in results)
+    else:
+        reported = "- The class count matches no dataset the paper reports on, so no reported number applies."
+    labels = ", ".join(f"{i}: {name}" for i, name in sorted(config.id2label.items()))
+    return template.substitute(
+        datasets_yaml=f"datasets:\n- {dataset_id}\n" if dataset_id else "",
+        dataset_tag=f"- {dataset}\n" if dataset else "",
+        dataset_name=dataset_name,
+        source_name=source_name,
+        source_sha256=source_sha256,
+        paper=PAPER,
+        reported_results=reported,
+        architecture=_describe(config, stage),
+        num_labels=config.num_labels,
+        labels=labels,
+        image_size=config.image_size,
+        normalization=normalization,
+        image_mean=list(NORMALIZATIONS[normalization][0]),
+        image_std=list(NORMALIZATIONS[normalization][1]),
+        aaf_pooling=config.aaf_pooling,
+        model_id=model_id,
+        notes="\n".join(f"- {note}" for note in notes) if notes else "- None.",
+    )
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normalization="deit", push_to_hub=None,
+                       **config_overrides):  # fmt: skip
+    """
+    Convert an authors' checkpoint file and save model, image processor and model card to `output_dir`; upload the
+    folder to the Hub repository `push_to_hub` when given. Returns the loaded weaktr-hf model (eval mode).
+    """
+    _check_stage(stage)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
+    source = unwrap_state_dict(load_original_checkpoint(checkpoint_path))
+    config, state_dict = convert_state_dict(source, stage, dataset=dataset, **config_overrides)
+    card_dataset = dataset or (infer_dataset(stage, config.num_labels) if "id2label" not in config_overrides else None)
+
+    model = _empty_model(config, stage)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+
+    notes = []
+    unused = sorted(set(source) & set(UNUSED_KEYS[stage]))
+    if unused:
+        notes.append(f"Keys held but never used by the authors' model, not converted: {', '.join(unused)}.")
+    if "encoder.dist_token" in source:
+        notes.append(
+            "The source encoder had a DeiT distillation token, which was dropped (with its position row); in the "
+            "authors' model it took part in self-attention, so outputs differ from the source model's."
+        )
+    if stage == "cam" and "aaf_pooling" not in config_overrides:
+        notes.append("Fusion pooling cannot be read from the weights; 'max' (the released runs) was assumed.")
+    if stage == "seg":
+        for field, what in (("num_attention_heads", "Encoder"), ("decoder_num_attention_heads", "Decoder")):
+            if field not in config_overrides:
+                notes.append(
+                    f"{what} attention heads cannot be read from the weights; {getattr(config, field)} (width / 64, "
+                    f"as in the authors' configs) was assumed."
+                )
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    build_image_processor(config, stage, normalization).save_pretrained(output_dir)
+    card = render_model_card(
+        config, stage, card_dataset, Path(checkpoint_path).name, _sha256(checkpoint_path), normalization,
+        push_to_hub or output_dir.name, notes,
+    )  # fmt: skip
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    logger.info("Saved %s (%s) to %s", type(model).__name__, _describe(config, stage), output_dir)
+
+    if push_to_hub:
+        api = HfApi()
+        api.create_repo(repo_id=push_to_hub, exist_ok=True)
+        api.upload_folder(
+            repo_id=push_to_hub,
+            folder_path=str(output_dir),
+            commit_message=f"Convert WeakTr step-{1 if stage == 'cam' else 2} checkpoint {Path(checkpoint_path).name}",
+        )
+        logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, push_to_hub)
+    return model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint_path", required=True, help="Authors' .pth checkpoint (or a .safetensors file).")
+    parser.add_argument("--stage", required=True, choices=STAGES, help="cam = step 1 (CAM), seg = step 2 (segmenter).")
+    parser.add_argument("--output_dir", required=True, help="Folder to write the from_pretrained model to.")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default=None,
+        help="Class names: voc12 (20 / 21 classes) or coco14 (raw ids 90 / 91, or contiguous 80 / 81). Inferred "
+        "from the class count when left out.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num_attention_heads", type=int, default=None,
+        help="Encoder heads. Step 1 reads them from the fusion module (the flag must agree); step 2 defaults to "
+        "width / 64.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decoder_num_attention_heads", type=int, default=None, help="Step-2 decoder heads (default width / 64)."
+    )
+    parser.add_argument(
+        "--aaf_pooling", choices=AAF_POOLINGS, default=None,
+        help="Step-1 fusion pooling over tokens (not stored in the weights; the released runs use max).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--normalization", choices=tuple(NORMALIZATIONS), default="deit",
+        help="Image statistics of the processor: deit (ImageNet mean/std, DeiT backbones) or vit (0.5, the authors' "
+        "ViT-S variant).",
+    )  # fmt: skip
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="Upload the folder to this Hub repo.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {
+        name: getattr(args, name)
+        for name in ("num_attention_heads", "decoder_num_attention_heads", "aaf_pooling")
+        if getattr(args, name) is not None
+    }
+    if args.stage == "cam" and "decoder_num_attention_heads" in overrides:
+        raise SystemExit("--decoder_num_attention_heads applies to --stage seg only.")
+    if args.stage == "seg" and "aaf_pooling" in overrides:
+        raise SystemExit("--aaf_pooling applies to --stage cam only.")
+    convert_checkpoint(
+        args.checkpoint_path, args.stage, args.output_dir, dataset=args.dataset, normalization=args.normalization,
+        push_to_hub=args.push_to_hub, **overrides,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,602 @@
+"""Tests of the converter for the authors' released checkpoints: key mapping, config inference, error messages,
+saved folders, CLI, Hub upload, and numerical parity with a reimplementation of the authors' forward passes.
+
+Checkpoints are built here in the authors' key layout (docs/METHOD.md, "Checkpoint layouts") with random values, so
+that nothing is downloaded; the reference forwards below read those keys directly and follow what the authors'
+step-1 model (models.py, AAF.py, vision_transformer.py) and step-2 Segmenter (OnlineRetraining/segm/model) compute.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation, upsample_logits
+from weaktr_hf import convert_weaktr_original_to_hf as convert
+from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
+from weaktr_hf.labels import BACKGROUND, COCO_CLASSES, COCO_RAW_ID_TO_NAME, VOC_CLASSES
+
+SRC_DIR = Path(convert.__file__).resolve().parents[1]
+
+# Tiny step-1 model: patch 8 on a 4 x 4 grid, width 32, 2 layers x 4 heads (K = 8 maps, head dim 8), 3 classes.
+CAM_SHAPES = dict(
+    num_classes=3, width=32, depth=2, heads=4, patch=8, grid=4, mlp=64, head_reduction=2, feat_reduction=2
+)
+# Tiny step-2 model: width 128 (2 heads of 64, as the width / 64 rule infers), decoder 64 wide (1 head), 4 labels.
+SEG_SHAPES = dict(num_labels=4, width=128, depth=2, patch=8, grid=4, mlp=256, dec_width=64, dec_depth=2, dec_mlp=128)
+
+
+def _rand(generator, *shape, scale=None):
+    """Trained-like random values: matrices scaled by fan-in, vectors small."""
+    scale = scale if scale is not None else (shape[-1] ** -0.5 if len(shape) > 1 else 0.05)
+    return torch.randn(*shape, generator=generator) * scale
+
+
+def _norm(generator, prefix, width):
+    return {f"{prefix}.weight": 1 + _rand(generator, width, scale=0.1), f"{prefix}.bias": _rand(generator, width)}
+
+
+def _block(generator, prefix, width, mlp, qkv_bias=True):
+    """One timm-style pre-norm block in the authors' key names."""
+    keys = {**_norm(generator, f"{prefix}.norm1", width), **_norm(generator, f"{prefix}.norm2", width)}
+    keys[f"{prefix}.attn.qkv.weight"] = _rand(generator, 3 * width, width)
+    if qkv_bias:
+        keys[f"{prefix}.attn.qkv.bias"] = _rand(generator, 3 * width)
+    keys[f"{prefix}.attn.proj.weight"] = _rand(generator, width, width)
+    keys[f"{prefix}.attn.proj.bias"] = _rand(generator, width)
+    keys[f"{prefix}.mlp.fc1.weight"] = _rand(generator, mlp, width)
+    keys[f"{prefix}.mlp.fc1.bias"] = _rand(generator, mlp)
+    keys[f"{prefix}.mlp.fc2.weight"] = _rand(generator, width, mlp)
+    keys[f"{prefix}.mlp.fc2.bias"] = _rand(generator, width)
+    return keys
+
+
+def authors_cam_state_dict(num_classes=3, width=32, depth=2, heads=4, patch=8, grid=4, mlp=64, head_reduction=2,
+                           feat_reduction=2, seed=0):  # fmt: skip
+    """A step-1 state dict in the authors' layout, including their unused final norm."""
+    g = torch.Generator().manual_seed(seed)
+    channels, head_dim = depth * heads, width // heads
+    state = {
+        "cls_token": _rand(g, 1, num_classes, width, scale=0.5),
+        "pos_embed": _rand(g, 1, num_classes + grid * grid, width, scale=0.5),
+        "patch_embed.proj.weight": _rand(g, width, 3, patch, patch, scale=(3 * patch * patch) ** -0.5),
+        "patch_embed.proj.bias": _rand(g, width),
+        **_norm(g, "norm", width),
+        "head.weight": _rand(g, num_classes, width, 3, 3, scale=(9 * width) ** -0.5),
+        "head.bias": _rand(g, num_classes),
+        "adaptive_attention_fusion.attn_head_ffn.0.weight": _rand(g, channels // head_reduction, channels),
+        "adaptive_attention_fusion.attn_head_ffn.2.weight": _rand(g, channels, channels // head_reduction),
+        "adaptive_attention_fusion.attn_feat_ffn.0.weight": _rand(g, head_dim // feat_reduction, head_dim),
+        "adaptive_attention_fusion.attn_feat_ffn.0.bias": _rand(g, head_dim // feat_reduction),
+        "adaptive_attention_fusion.attn_feat_ffn.1.weight": _rand(g, 1, head_dim // feat_reduction),
+        "adaptive_attention_fusion.attn_feat_ffn.1.bias": _rand(g, 1),
+    }
+    for i in range(depth):
+        state.update(_block(g, f"blocks.{i}", width, mlp))
+    return state
+
+
+def authors_seg_state_dict(num_labels=4, width=128, depth=2, patch=8, grid=4, mlp=256, dec_width=64, dec_depth=2,
+                           dec_mlp=128, distilled=False, imagenet_classes=10, seed=0):  # fmt: skip
+    """A step-2 state dict in the authors' layout, with the encoder's unused classifier (and distillation) heads."""
+    g = torch.Generator().manual_seed(seed)
+    prefix_tokens = 2 if distilled else 1
+    state = {
+        "encoder.cls_token": _rand(g, 1, 1, width, scale=0.5),
+        "encoder.pos_embed": _rand(g, 1, prefix_tokens + grid * grid, width, scale=0.5),
+        "encoder.patch_embed.proj.weight": _rand(g, width, 3, patch, patch, scale=(3 * patch * patch) ** -0.5),
+        "encoder.patch_embed.proj.bias": _rand(g, width),
+        **_norm(g, "encoder.norm", width),
+        "encoder.head.weight": _rand(g, imagenet_classes, width),
+        "encoder.head.bias": _rand(g, imagenet_classes),
+        "decoder.proj_dec.weight": _rand(g, dec_width, width),
+        "decoder.proj_dec.bias": _rand(g, dec_width),
+        "decoder.cls_emb": _rand(g, 1, num_labels, dec_width, scale=0.5),
+        "decoder.proj_patch": _rand(g, dec_width, dec_width),
+        "decoder.proj_classes": _rand(g, dec_width, dec_width),
+        **_norm(g, "decoder.decoder_norm", dec_width),
+        **_norm(g, "decoder.mask_norm", num_labels),
+    }
+    if distilled:
+        state["encoder.dist_token"] = _rand(g, 1, 1, width, scale=0.5)
+        state["encoder.head_dist.weight"] = _rand(g, imagenet_classes, width)
+        state["encoder.head_dist.bias"] = _rand(g, imagenet_classes)
+    for i in range(depth):
+        state.update(_block(g, f"encoder.blocks.{i}", width, mlp))
+    for i in range(dec_depth):
+        state.update(_block(g, f"decoder.blocks.{i}", dec_width, dec_mlp))
+    return state
+
+
+def wrap(state_dict, wrapping):
+    """The ways the authors' training scripts store a state dict."""
+    if wrapping == "plain":
+        return state_dict
+    if wrapping == "model":
+        return {"model": state_dict, "epoch": 59}
+    if wrapping == "model+module":  # saved from a DistributedDataParallel model
+        return {"model": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3, "n_cls": 21}
+    raise ValueError(wrapping)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference forwards: what the authors' models compute, written against their key names
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _vit_block(sd, prefix, x, heads, eps):
+    """Pre-norm block; returns (output, attention probabilities (B, heads, T, T), attention branch output)."""
+    batch, tokens, width = x.shape
+    h = F.layer_norm(x, (width,), sd[f"{prefix}.norm1.weight"], sd[f"{prefix}.norm1.bias"], eps)
+    qkv = F.linear(h, sd[f"{prefix}.attn.qkv.weight"], sd.get(f"{prefix}.attn.qkv.bias"))
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * (width // heads) ** -0.5, dim=-1)
+    attended = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)
+    branch = F.linear(attended, sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"])
+    x = x + branch
+    h = F.layer_norm(x, (width,), sd[f"{prefix}.norm2.weight"], sd[f"{prefix}.norm2.bias"], eps)
+    h = F.linear(F.gelu(F.linear(h, sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"])),
+                 sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"])  # fmt: skip
+    return x + h, probs, branch
+
+
+def reference_cam_forward(sd, pixel_values, heads, pooling="max"):
+    """The authors' step-1 forward (eval mode): class-token scores, coarse and fine CAMs."""
+    num_classes, width = sd["cls_token"].shape[1:]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    batch, _, height, width_px = pixel_values.shape
+    rows, cols = height // patch, width_px // patch
+    x = F.conv2d(pixel_values, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    x = torch.cat([sd["cls_token"].expand(batch, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+    table = sd["pos_embed"]
+    side = math.isqrt(table.shape[1] - num_classes)
+    if not (rows * cols == side * side and rows == cols):
+        # DINO-style resize: bicubic with scale factors (new + 0.1) / old rather than a target size.
+        grid = table[:, num_classes:].reshape(1, side, side, width).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+        table = torch.cat([table[:, :num_classes], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, width)], dim=1)
+    x = x + table
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    probs, branches = [], []
+    for i in range(depth):
+        x, p, b = _vit_block(sd, f"blocks.{i}", x, heads, 1e-6)
+        probs.append(p)
+        branches.append(b)
+    # No final norm: the authors' CAM forward never applies it.
+    logits = x[:, :num_classes].mean(-1)
+    patch_map = x[:, num_classes:].reshape(batch, rows, cols, width).permute(0, 3, 1, 2)
+    coarse_cam = F.conv2d(patch_map, sd["head.weight"], sd["head.bias"], padding=1)
+
+    # Adaptive Attention Fusion over K = heads x depth maps, channel k = head * depth + layer. A head's feature is
+    # every `heads`-th channel of the attention branch output, starting at the head's index.
+    maps, features = [], []
+    for head in range(heads):
+        for layer in range(depth):
+            maps.append(probs[layer][:, head])
+            features.append(branches[layer][..., head::heads])
+    maps, features = torch.stack(maps, 1), torch.stack(features, 1)  # (B, K, T, T), (B, K, T, head_dim)
+    pooled = features.amax(dim=2) if pooling == "max" else features.mean(dim=2)
+    fusion = "adaptive_attention_fusion"
+    scores = F.linear(pooled, sd[f"{fusion}.attn_feat_ffn.0.weight"], sd[f"{fusion}.attn_feat_ffn.0.bias"])
+    scores = F.linear(scores, sd[f"{fusion}.attn_feat_ffn.1.weight"], sd[f"{fusion}.attn_feat_ffn.1.bias"])[..., 0]
+    hidden = torch.relu(F.linear(scores, sd[f"{fusion}.attn_head_ffn.0.weight"]))
+    weights = torch.sigmoid(F.linear(hidden, sd[f"{fusion}.attn_head_ffn.2.weight"]))
+    fused = (maps * weights[:, :, None, None]).mean(1)
+    cross = fused[:, :num_classes, num_classes:].reshape(batch, num_classes, rows, cols)
+    cams = (cross * torch.relu(coarse_cam)).flatten(2)
+    fine_cam = torch.einsum("bij,bcj->bci", fused[:, num_classes:, num_classes:], cams).reshape_as(coarse_cam)
+    return {
+        "logits": logits,
+        "coarse_cam": coarse_cam,
+        "coarse_logits": coarse_cam.mean((2, 3)),
+        "fine_cam": fine_cam,
+        "fine_logits": fine_cam.mean((2, 3)),
+        "cross_attention": cross,
+    }
+
+
+def reference_seg_forward(sd, pixel_values, heads, decoder_heads):
+    """The authors' step-2 Segmenter forward (eval mode): (patch-level masks, masks at the input size)."""
+    width = sd["encoder.cls_token"].shape[-1]
+    patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
+    num_labels = sd["decoder.cls_emb"].shape[1]
+    batch, _, height, width_px = pixel_values.shape
+    padded = F.pad(pixel_values, (0, (-width_px) % patch, 0, (-height) % patch))
+    rows, cols = padded.shape[-2] // patch, padded.shape[-1] // patch
+    x = F.conv2d(padded, sd["encoder.patch_embed.proj.weight"], sd["encoder.patch_embed.proj.bias"], stride=patch)
+    prefix = [sd["encoder.cls_token"]] + ([sd["encoder.dist_token"]] if "encoder.dist_token" in sd else [])
+    x = torch.cat([p.expand(batch, -1, -1) for p in prefix] + [x.flatten(2).transpose(1, 2)], dim=1)
+    table = sd["encoder.pos_embed"]
+    if x.shape[1] != table.shape[1]:
+        side = math.isqrt(table.shape[1] - len(prefix))
+        grid = table[:, len(prefix) :].reshape(1, side, side, width).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bilinear")
+        table = torch.cat([table[:, : len(prefix)], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, width)], dim=1)
+    x = x + table
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
+    for i in range(depth):
+        x = _vit_block(sd, f"encoder.blocks.{i}", x, heads, 1e-5)[0]
+    x = F.layer_norm(x, (width,), sd["encoder.norm.weight"], sd["encoder.norm.bias"], 1e-5)[:, len(prefix) :]
+
+    y = F.linear(x, sd["decoder.proj_dec.weight"], sd["decoder.proj_dec.bias"])
+    y = torch.cat([y, sd["decoder.cls_emb"].expand(batch, -1, -1)], dim=1)
+    dec_depth = len({k.split(".")[2] for k in sd if k.startswith("decoder.blocks.")})
+    for i in range(dec_depth):
+        y = _vit_block(sd, f"decoder.blocks.{i}", y, decoder_heads, 1e-5)[0]
+    y = F.layer_norm(y, (y.shape[-1],), sd["decoder.decoder_norm.weight"], sd["decoder.decoder_norm.bias"], 1e-5)
+    patches = y[:, :-num_labels] @ sd["decoder.proj_patch"]
+    classes = y[:, -num_labels:] @ sd["decoder.proj_classes"]
+    patches, classes = patches / patches.norm(dim=-1, keepdim=True), classes / classes.norm(dim=-1, keepdim=True)
+    masks = patches @ classes.transpose(1, 2)
+    masks = F.layer_norm(masks, (num_labels,), sd["decoder.mask_norm.weight"], sd["decoder.mask_norm.bias"], 1e-5)
+    masks = masks.transpose(1, 2).reshape(batch, num_labels, rows, cols)
+    full = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear")[..., :height, :width_px]
+    return masks, full
+
+
+def _converted_model(state_dict, stage, **overrides):
+    config, converted = convert.convert_state_dict(state_dict, stage, **overrides)
+    model = convert.MODEL_CLASSES[stage](config)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key mapping and config inference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapping", ["plain", "model", "model+module"])
+def test_cam_checkpoint_converts_every_key_and_round_trips(tmp_path, wrapping):
+    source = authors_cam_state_dict(**CAM_SHAPES)
+    path = tmp_path / "cam.pth"
+    torch.save(wrap(source, wrapping), path)
+
+    config, converted = convert.convert_state_dict(convert.load_original_checkpoint(path), "cam")
+
+    assert (config.num_labels, config.hidden_size, config.num_hidden_layers) == (3, 32, 2)
+    assert (config.num_attention_heads, config.patch_size, config.image_size) == (4, 8, 32)
+    assert (config.intermediate_size, config.aaf_reduction, config.aaf_feat_reduction) == (64, 2, 2)
+    assert config.layer_norm_eps == 1e-6 and config.qkv_bias and config.aaf_pooling == "max"
+    assert set(converted) == set(WeakTrForCAM(config).state_dict())
+    back = convert.to_original_state_dict(converted, "cam")
+    assert set(back) == set(source) - {"norm.weight", "norm.bias"}
+    for key, value in back.items():
+        assert torch.equal(value, source[key]), key
+
+
+@pytest.mark.parametrize("wrapping", ["plain", "model", "model+module"])
+def test_seg_checkpoint_converts_every_key_and_round_trips(tmp_path, wrapping):
+    source = authors_seg_state_dict(**SEG_SHAPES)
+    path = tmp_path / "seg.pth"
+    torch.save(wrap(source, wrapping), path)
+
+    config, converted = convert.convert_state_dict(convert.load_original_checkpoint(path), "seg")
+
+    assert (config.num_labels, config.hidden_size, config.num_hidden_layers) == (4, 128, 2)
+    assert config.num_attention_heads == 2  # width 128 / 64
+    assert (config.patch_size, config.image_size, config.intermediate_size, config.layer_norm_eps) == (8, 32, 256, 1e-5)
+    assert (config.decoder_hidden_size, config.decoder_num_hidden_layers) == (64, 2)
+    assert (config.decoder_intermediate_size, config.decoder_num_attention_heads) == (128, 1)
+    assert set(converted) == set(WeakTrForSemanticSegmentation(config).state_dict())
+    back = convert.to_original_state_dict(converted, "seg")
+    assert set(back) == set(source) - {"encoder.head.weight", "encoder.head.bias"}
+    for key, value in back.items():
+        assert torch.equal(value, source[key]), key
+
+
+def test_seg_distillation_token_is_dropped_with_its_position_row(caplog):
+    source = authors_seg_state_dict(**SEG_SHAPES, distilled=True)
+    assert source["encoder.pos_embed"].shape[1] == 2 + 16
+
+    with caplog.at_level(logging.WARNING, logger=convert.__name__):
+        config, converted = convert.convert_state_dict(wrap(source, "model"), "seg")
+
+    assert config.image_size == 32  # 16 patch rows once the two prefix rows are set apart
+    expected_table = torch.cat([source["encoder.pos_embed"][:, :1], source["encoder.pos_embed"][:, 2:]], dim=1)
+    assert torch.equal(converted["weaktr.pos_embed"], expected_table)
+    assert not any("dist" in key for key in converted)
+    assert "distillation token" in caplog.text and "differ" in caplog.text
+
+
+def test_to_original_state_dict_reads_stage_from_the_model():
+    config, converted = convert.convert_state_dict(authors_seg_state_dict(**SEG_SHAPES), "seg")
+    model = WeakTrForSemanticSegmentation(config)
+    model.load_state_dict(converted)
+    back = convert.to_original_state_dict(model)
+    assert "encoder.cls_token" in back and "decoder.cls_emb" in back
+    assert torch.equal(back["encoder.blocks.1.mlp.fc2.weight"], converted["weaktr.blocks.1.mlp.fc2.weight"])
+
+
+def test_step1_heads_come_from_the_fusion_module_and_must_agree():
+    source = authors_cam_state_dict(**{**CAM_SHAPES, "heads": 2})  # K = 2 layers x 2 heads
+    config, _ = convert.convert_state_dict(source, "cam")
+    assert config.num_attention_heads == 2 and config.head_dim == 16
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 disagrees.*4 attention maps = 2 layers x 2 heads"):
+        convert.convert_state_dict(source, "cam", num_attention_heads=4)
+
+
+def test_step2_heads_default_to_width_over_64_and_can_be_overridden():
+    source = authors_seg_state_dict(**SEG_SHAPES)
+    config, _ = convert.convert_state_dict(source, "seg", num_attention_heads=4, decoder_num_attention_heads=2)
+    assert (config.num_attention_heads, config.decoder_num_attention_heads) == (4, 2)
+    narrow = authors_seg_state_dict(**{**SEG_SHAPES, "width": 96})
+    with pytest.raises(ValueError, match="--num_attention_heads"):
+        convert.convert_state_dict(narrow, "seg")
+
+
+def test_unknown_key_fails_naming_the_key():
+    cam = authors_cam_state_dict(**CAM_SHAPES)
+    cam["blocks.0.attn.extra_scale"] = torch.ones(1)
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.0\.attn\.extra_scale'\]"):
+        convert.convert_state_dict(cam, "cam")
+    seg = authors_seg_state_dict(**SEG_SHAPES)
+    seg["decoder.cls_head.weight"] = torch.ones(4, 64)
+    with pytest.raises(ValueError, match=r"unexpected keys \['decoder\.cls_head\.weight'\]"):
+        convert.convert_state_dict(seg, "seg")
+
+
+def test_missing_key_fails_naming_the_key():
+    cam = authors_cam_state_dict(**CAM_SHAPES)
+    del cam["blocks.1.attn.proj.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['blocks\.1\.attn\.proj\.bias'\]"):
+        convert.convert_state_dict(cam, "cam")
+    seg = authors_seg_state_dict(**SEG_SHAPES)
+    del seg["decoder.mask_norm.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['decoder\.mask_norm\.bias'\]"):
+        convert.convert_state_dict(seg, "seg")
+
+
+def test_shape_mismatch_fails_naming_the_key():
+    seg = authors_seg_state_dict(**SEG_SHAPES)
+    seg["decoder.mask_norm.weight"] = torch.ones(5)
+    with pytest.raises(ValueError, match=r"'decoder\.mask_norm\.weight' has shape \(5,\).*needs \(4,\)"):
+        convert.convert_state_dict(seg, "seg")
+
+
+def test_wrong_stage_and_unsupported_variants_get_a_hint():
+    with pytest.raises(ValueError, match="use stage 'seg'"):
+        convert.convert_state_dict(authors_seg_state_dict(**SEG_SHAPES), "cam")
+    with pytest.raises(ValueError, match="use stage 'cam'"):
+        convert.convert_state_dict(authors_cam_state_dict(**CAM_SHAPES), "seg")
+    dinov2 = authors_seg_state_dict(**SEG_SHAPES)
+    dinov2["encoder.blocks.0.ls1.gamma"] = torch.ones(128)
+    with pytest.raises(ValueError, match=r"'encoder\.blocks\.0\.ls1\.gamma'.*LayerScale"):
+        convert.convert_state_dict(dinov2, "seg")
+
+
+@pytest.mark.parametrize(
+    "stage, count, dataset, expected",
+    [
+        ("cam", 20, None, dict(enumerate(VOC_CLASSES))),
+        ("seg", 21, "voc12", {0: BACKGROUND, **{i + 1: n for i, n in enumerate(VOC_CLASSES)}}),
+        ("cam", 90, None, {raw - 1: name for raw, name in COCO_RAW_ID_TO_NAME.items()}),
+        ("seg", 91, "coco14", {0: BACKGROUND, **COCO_RAW_ID_TO_NAME}),
+        ("seg", 81, None, {0: BACKGROUND, **{i + 1: n for i, n in enumerate(COCO_CLASSES)}}),
+        ("cam", 5, None, {i: f"class_{i}" for i in range(5)}),
+        ("seg", 3, None, {0: BACKGROUND, 1: "class_1", 2: "class_2"}),
+    ],
+)
+def test_class_names_follow_dataset_or_class_count(stage, count, dataset, expected):
+    assert convert.resolve_id2label(stage, count, dataset) == expected
+
+
+def test_coco_step1_checkpoint_gets_raw_id_names():
+    config, _ = convert.convert_state_dict(authors_cam_state_dict(**{**CAM_SHAPES, "num_classes": 90}), "cam")
+    assert config.num_labels == 90
+    assert (config.id2label[0], config.id2label[11], config.id2label[89]) == ("person", "street sign", "toothbrush")
+
+
+def test_dataset_that_does_not_match_the_class_count_is_an_error():
+    with pytest.raises(ValueError, match=r"4 classes, but a step-2 voc12 model has 21"):
+        convert.convert_state_dict(authors_seg_state_dict(**SEG_SHAPES), "seg", dataset="voc12")
+
+
+def test_checkpoint_needing_code_unpickling_is_refused(tmp_path):
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": authors_cam_state_dict(**CAM_SHAPES), "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match=r"weights_only=True.*argparse\.Namespace.*re-save its weights") as error:
+        convert.load_original_checkpoint(path)
+    assert "torch.save(c.get('model', c)" in str(error.value)
+
+
+def test_numpy_scalars_in_a_checkpoint_are_read_without_unpickling_code(tmp_path):
+    path = tmp_path / "with_miou.pth"
+    source = authors_seg_state_dict(**SEG_SHAPES)
+    torch.save({"model": source, "miou": np.float64(74.0), "epoch": 99}, path)
+    checkpoint = convert.load_original_checkpoint(path)
+    assert float(checkpoint["miou"]) == 74.0
+    assert set(convert.unwrap_state_dict(checkpoint)) == set(source)
+
+
+def test_safetensors_file_is_read_too(tmp_path):
+    from safetensors.torch import save_file
+
+    source = authors_cam_state_dict(**CAM_SHAPES)
+    save_file(source, tmp_path / "cam.safetensors")
+    loaded = convert.load_original_checkpoint(tmp_path / "cam.safetensors")
+    config, converted = convert.convert_state_dict(loaded, "cam")
+    assert torch.equal(converted["weaktr.pos_embed"], source["pos_embed"]) and config.num_labels == 3
+
+
+def test_missing_checkpoint_file_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such_file.pth"):
+        convert.load_original_checkpoint("no_such_file.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with the authors' forward passes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def max_abs_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("size", [(32, 32), (48, 48), (40, 24)])  # training grid, larger, non-square
+def test_cam_outputs_match_the_authors_forward(pooling, size):
+    source = authors_cam_state_dict(**CAM_SHAPES, seed=1)
+    model = _converted_model(wrap(source, "model+module"), "cam", aaf_pooling=pooling)
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+
+    with torch.no_grad():
+        outputs = model(pixel_values)
+        reference = reference_cam_forward(source, pixel_values, heads=4, pooling=pooling)
+
+    for name, expected in reference.items():
+        assert max_abs_diff(getattr(outputs, name), expected) < 1e-4, name
+        # Fine CAMs and fused attention are small numbers (means of probabilities), so also compare relatively.
+        torch.testing.assert_close(getattr(outputs, name), expected, rtol=1e-4, atol=1e-6, msg=name)
+    # The comparison can fail: the other pooling moves the fine CAM far beyond the tolerance.
+    other = reference_cam_forward(source, pixel_values, heads=4, pooling="avg" if pooling == "max" else "max")
+    assert max_abs_diff(other["fine_cam"], reference["fine_cam"]) > 1e-5
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (30, 45)])  # training grid, non-square, padded to the patch
+def test_seg_logits_match_the_authors_forward(size):
+    source = authors_seg_state_dict(**SEG_SHAPES, seed=1)
+    model = _converted_model(wrap(source, "model"), "seg")
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        reference_masks, reference_full = reference_seg_forward(source, pixel_values, heads=2, decoder_heads=1)
+
+    assert logits.shape == reference_masks.shape
+    assert max_abs_diff(logits, reference_masks) < 1e-4
+    assert max_abs_diff(upsample_logits(logits, size, 8), reference_full) < 1e-4
+    assert reference_masks.std() > 0.1  # LayerNorm'd over classes: O(1) values, so 1e-4 is a tight bound
+
+
+def test_seg_distilled_checkpoint_is_not_claimed_to_match():
+    """A distillation token attends with the patches in the authors' model, so dropping it changes outputs; the
+    converter says so (see the warning test) and this pins that the difference is real, not hidden."""
+    source = authors_seg_state_dict(**SEG_SHAPES, distilled=True, seed=1)
+    model = _converted_model(source, "seg")
+    pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference_masks, _ = reference_seg_forward(source, pixel_values, heads=2, decoder_heads=1)
+        assert max_abs_diff(model(pixel_values).logits, reference_masks) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saved folders, CLI and Hub upload
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _read_front_matter(card):
+    assert card.startswith("---\n")
+    return card.split("---\n")[1]
+
+
+def test_converted_cam_folder_loads_with_processor_and_card(tmp_path):
+    source = authors_cam_state_dict(**{**CAM_SHAPES, "num_classes": 20})
+    checkpoint = tmp_path / "WeakTr_VOC_CAM.pth"
+    torch.save(wrap(source, "model"), checkpoint)
+
+    converted = convert.convert_checkpoint(checkpoint, "cam", tmp_path / "out")
+
+    model, info = WeakTrForCAM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.id2label[0] == "aeroplane" and model.config.num_labels == 20
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values).fine_cam, converted(pixel_values).fine_cam)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, converted.state_dict()[key]), key
+    processor = WeakTrImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.size == {"height": 32, "width": 32} and processor.size_divisor == 8
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406]
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = _read_front_matter(card)
+    assert "library_name: transformers" in front and "pipeline_tag: image-classification" in front
+    assert "license: mit" in front and "- pascal-voc-2012" in front and "- weaktr" in front
+    assert "Reported in the paper, not measured by this conversion" in card and "69.4%" in card
+    assert "WeakTr_VOC_CAM.pth" in card and "norm.weight" in card and "$" not in card
+
+
+def test_converted_seg_folder_loads_with_processor_and_card(tmp_path):
+    source = authors_seg_state_dict(**{**SEG_SHAPES, "num_labels": 21})
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save(wrap(source, "model+module"), checkpoint)
+
+    convert.convert_checkpoint(checkpoint, "seg", tmp_path / "out", dataset="voc12", normalization="vit")
+
+    model, info = WeakTrForSemanticSegmentation.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.id2label[0] == BACKGROUND and model.config.id2label[20] == "tvmonitor"
+    assert model.config.layer_norm_eps == 1e-5
+    processor = WeakTrImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.size == {"height": 32, "width": 32} and list(processor.image_mean) == [0.5, 0.5, 0.5]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in _read_front_matter(card)
+    assert "74.0%" in card and "not measured by this conversion" in card and "$" not in card
+
+
+def test_card_without_known_dataset_claims_no_reported_number(tmp_path):
+    checkpoint = tmp_path / "cam.pth"
+    torch.save(authors_cam_state_dict(**CAM_SHAPES), checkpoint)
+    convert.convert_checkpoint(checkpoint, "cam", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "%" not in card.split("## Results")[1].split("## Conversion notes")[0]
+    assert "datasets:" not in _read_front_matter(card)
+
+
+def test_cli_converts_a_checkpoint_end_to_end(tmp_path):
+    checkpoint = tmp_path / "seg.pth"
+    torch.save(wrap(authors_seg_state_dict(**SEG_SHAPES), "model"), checkpoint)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable, "-m", "weaktr_hf.convert_weaktr_original_to_hf", "--checkpoint_path", str(checkpoint),
+        "--stage", "seg", "--output_dir", str(tmp_path / "out"), "--decoder_num_attention_heads", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["decoder_num_attention_heads"] == 2 and config["num_attention_heads"] == 2
+    assert config["id2label"]["0"] == BACKGROUND
+    assert {"model.safetensors", "preprocessor_config.json", "README.md"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_cli_rejects_a_flag_of_the_other_stage(tmp_path):
+    with pytest.raises(SystemExit, match="--aaf_pooling applies to --stage cam only"):
+        convert.main([
+            "--checkpoint_path", "x.pth", "--stage", "seg", "--output_dir", str(tmp_path), "--aaf_pooling", "avg",
+        ])  # fmt: skip
+
+
+def test_push_to_hub_uploads_the_output_folder(tmp_path, monkeypatch):
+    calls = []
+
+    class RecordingHfApi:
+        def create_repo(self, repo_id, exist_ok=False, **kwargs):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), kwargs.get("commit_message")))
+
+    monkeypatch.setattr(convert, "HfApi", RecordingHfApi)
+    checkpoint = tmp_path / "cam.pth"
+    torch.save(wrap(authors_cam_state_dict(**CAM_SHAPES), "model"), checkpoint)
+
+    convert.main([
+        "--checkpoint_path", str(checkpoint), "--stage", "cam", "--output_dir", str(tmp_path / "out"),
+        "--push_to_hub", "someone/weaktr-cam",
+    ])  # fmt: skip
+
+    assert calls[0] == ("create_repo", "someone/weaktr-cam", True)
+    name, repo_id, files, message = calls[1]
+    assert (name, repo_id) == ("upload_folder", "someone/weaktr-cam")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    assert "cam.pth" in message
+    assert 'from_pretrained("someone/weaktr-cam")' in (tmp_path / "out" / "README.md").read_text()
