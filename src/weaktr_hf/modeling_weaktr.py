@@ -496,7 +496,8 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
         tokens = outputs.last_hidden_state
 
         logits = tokens[:, :num_classes].mean(dim=-1)
-        patch_map = tokens[:, num_classes:].transpose(1, 2).reshape(batch_size, -1, *grid)
+        # Contiguous like the authors' input to the conv, so the same conv kernel runs (bitwise-equal CAMs).
+        patch_map = tokens[:, num_classes:].transpose(1, 2).reshape(batch_size, -1, *grid).contiguous()
         coarse_cam = self.head(patch_map)
         coarse_logits = coarse_cam.mean(dim=(2, 3))
 
