@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation, upsample_logits
 from weaktr_hf import convert_weaktr_original_to_hf as convert
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
@@ -581,11 +582,12 @@ def test_push_to_hub_uploads_the_output_folder(tmp_path, monkeypatch):
     class RecordingHfApi:
         def create_repo(self, repo_id, exist_ok=False, **kwargs):
             calls.append(("create_repo", repo_id, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), kwargs.get("commit_message")))
 
-    monkeypatch.setattr(convert, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(weaktr_hf.hub, "HfApi", RecordingHfApi)
     checkpoint = tmp_path / "cam.pth"
     torch.save(wrap(authors_cam_state_dict(**CAM_SHAPES), "model"), checkpoint)
 

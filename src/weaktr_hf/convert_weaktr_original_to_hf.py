@@ -22,12 +22,11 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from string import Template
 
 import torch
-from huggingface_hub import HfApi
 from transformers.initialization import no_init_weights
 
+from . import hub
 from .configuration_weaktr import AAF_POOLINGS, WeakTrConfig
 from .image_processing_weaktr import WeakTrImageProcessor
 from .labels import BACKGROUND, label_layouts
@@ -559,27 +558,11 @@ def build_image_processor(config, stage, normalization="deit"):
     )  # fmt: skip
 
 
-def _template_dirs():
-    """Where the model-card templates live: inside the package when installed, else the repository's model_cards/."""
-    here = Path(__file__).resolve().parent
-    return [here / "model_cards", here.parents[1] / "model_cards"]
-
-
 def render_model_card(config, stage, dataset, source_name, source_sha256, normalization, model_id, notes=()):
     """The model card (README.md) of a converted checkpoint, from `model_cards/converted_{stage}.md`.
 
     `model_id` is what the usage snippet loads (the Hub repository, or the output folder's name).
     """
-    template_name = f"converted_{stage}.md"
-    for directory in _template_dirs():
-        if (directory / template_name).is_file():
-            template = Template((directory / template_name).read_text(encoding="utf-8"))
-            break
-    else:
-        raise FileNotFoundError(
-            f"Model card template {template_name} not found in {[str(d) for d in _template_dirs()]}; reinstall "
-            f"weaktr-hf from a source checkout."
-        )
     dataset_name, dataset_id = DATASET_CARD_NAMES.get(dataset, ("an unidentified dataset", None))
     results = REPORTED_RESULTS.get((stage, dataset))
     if results:
@@ -587,7 +570,8 @@ def render_model_card(config, stage, dataset, source_name, source_sha256, normal
     else:
         reported = "- The class count matches no dataset the paper reports on, so no reported number applies."
     labels = ", ".join(f"{i}: {name}" for i, name in sorted(config.id2label.items()))
-    return template.substitute(
+    return hub.render_model_card(
+        f"converted_{stage}",
         datasets_yaml=f"datasets:\n- {dataset_id}\n" if dataset_id else "",
         dataset_tag=f"- {dataset}\n" if dataset else "",
         dataset_name=dataset_name,
@@ -664,13 +648,10 @@ def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normali
     logger.info("Saved %s (%s) to %s", type(model).__name__, _describe(config, stage), output_dir)
 
     if push_to_hub:
-        api = HfApi()
-        api.create_repo(repo_id=push_to_hub, exist_ok=True)
-        api.upload_folder(
-            repo_id=push_to_hub,
-            folder_path=str(output_dir),
+        hub.push_folder_to_hub(
+            str(output_dir), push_to_hub,
             commit_message=f"Convert WeakTr step-{1 if stage == 'cam' else 2} checkpoint {Path(checkpoint_path).name}",
-        )
+        )  # fmt: skip
         logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, push_to_hub)
     return model
 

@@ -4,6 +4,9 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
+from string import Template
+
+from huggingface_hub import HfApi
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +27,19 @@ def model_card_template(name):
 
 
 def render_model_card(name, **fields):
-    """Fill a template's `{field}` placeholders; a placeholder left without a value is an error naming it."""
-    template = model_card_template(name)
+    """Fill a template's `$field` placeholders; a placeholder left without a value is an error naming it."""
     try:
-        return template.format(**fields)
+        return Template(model_card_template(name)).substitute(**fields)
     except KeyError as error:
         raise KeyError(f"Model-card template {name!r} needs a value for {error}.") from error
 
 
 def push_folder_to_hub(folder, repo_id, token=None, private=None, commit_message=None):
     """Create `repo_id` (if needed) and upload `folder` (model, processor, README.md) to it. Returns the commit info."""
-    from huggingface_hub import HfApi
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} has no config.json; push a folder written by save_pretrained.")
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api = HfApi(token=token) if token else HfApi()
+    repo_url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     logger.info("Uploading %s to %s", folder, repo_url)
     return api.upload_folder(
         repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload WeakTr model",
