@@ -1,0 +1,264 @@
+"""Any `datasets` dataset (from the Hub, `save_to_disk`, or parquet files) mapped to the WSSS schema.
+
+The caller names the image, mask and label columns. Image-level labels come from the label column (foreground ids
+0..C-1) or, without one, from the mask (0 background, k + 1 for class k, 255 ignore). Class names come from
+`class_names=`, else from the label column's `ClassLabel` names, else from what `load_wsss_dataset` recorded.
+"""
+
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from .schema import (
+    ERROR_COLUMN,
+    BadSampleError,
+    check_image,
+    check_labels,
+    check_on_bad_sample,
+    encode_mask_png,
+    features_with_error_column,
+    get_metadata,
+    labels_from_mask,
+    mask_to_array,
+    metadata_description,
+    open_image,
+    resolve_bad_samples,
+    wsss_features,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def is_saved_dataset(path):
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    path = Path(path)
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _class_names_from(dataset, labels_column, class_names):
+    if class_names is not None:
+        return list(class_names)
+    features = dataset.features or {}
+    feature = features.get(labels_column) if labels_column else None
+    names = getattr(getattr(feature, "feature", None), "names", None)
+    if names:
+        return list(names)
+    names = get_metadata(dataset).get("class_names")
+    if names:
+        return list(names)
+    raise ValueError(
+        "cannot tell the foreground class names of this dataset (no ClassLabel label column); pass "
+        "class_names=[...] in label order 0..C-1 (background excluded)."
+    )
+
+
+def _storage(value, name):
+    """A `datasets.Image` storage dict for an image/mask value: undecoded storage, a PIL image, or an array."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        return {"bytes": value.get("bytes"), "path": value.get("path")}
+    if hasattr(value, "mode"):  # an already decoded PIL image (e.g. an IterableDataset that ignored the cast)
+        return value
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise BadSampleError(f"{name} is an array of shape {array.shape}; a mask must be (height, width)")
+    if array.min() < 0 or array.max() > 255:
+        raise BadSampleError(f"{name} holds values outside 0..255; masks are stored as 8-bit class indices")
+    return encode_mask_png(array)
+
+
+def _example_to_schema(example, index, image_column, mask_column, labels_column, id_column, num_classes, verify):
+    """One row of the source dataset -> a schema row, with the reason it is unusable (or None)."""
+    sample_id = str(example[id_column]) if id_column else f"{index:08d}"
+    row = {"image": None, "semantic_mask": None, "labels": [], "id": sample_id, ERROR_COLUMN: None}
+    try:
+        row["image"] = _storage(example[image_column], f"image of sample {sample_id}")
+        if row["image"] is None:
+            raise BadSampleError(f"sample {sample_id} has no image in column {image_column!r}")
+        image_size = check_image(row["image"], f"of sample {sample_id}", verify)
+        mask_labels = None
+        if mask_column and example[mask_column] is not None:
+            row["semantic_mask"] = _storage(example[mask_column], f"mask of sample {sample_id}")
+            mask = open_image(row["semantic_mask"])
+            mask.load()
+            if mask.size != image_size:
+                raise BadSampleError(
+                    f"the mask of sample {sample_id} is {mask.size[0]}x{mask.size[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]}; masks must have the size of their image"
+                )
+            mask_labels = labels_from_mask(
+                mask_to_array(mask, f"of sample {sample_id}"), num_classes, f"of {sample_id}"
+            )
+        if labels_column:
+            row["labels"] = check_labels(example[labels_column], num_classes, f"sample {sample_id}")
+        elif mask_labels is not None:
+            row["labels"] = mask_labels
+        else:
+            raise BadSampleError(
+                f"sample {sample_id} has no mask and no label column, so its image-level labels are unknown"
+            )
+    except BadSampleError as error:
+        row.update(image=None, semantic_mask=None, labels=[], **{ERROR_COLUMN: str(error)})
+    return row
+
+
+def _resolve_columns(dataset, image_column, mask_column, labels_column, id_column):
+    columns = list(dataset.column_names or (dataset.features or {}).keys())
+
+    def check(role, column):
+        if column is not None and column not in columns:
+            raise ValueError(
+                f"{role} column {column!r} is not in the dataset (columns: {columns}); pass {role}_column=."
+            )
+        return column
+
+    image_column = check("image", image_column)
+    mask_column = check(
+        "mask", mask_column if mask_column else ("semantic_mask" if "semantic_mask" in columns else None)
+    )
+    labels_column = check("labels", labels_column if labels_column else ("labels" if "labels" in columns else None))
+    id_column = check("id", id_column if id_column else ("id" if "id" in columns else None))
+    if mask_column is None and labels_column is None:
+        raise ValueError(
+            f"the dataset has neither a mask nor an image-level label column (columns: {columns}); pass "
+            "mask_column= and/or labels_column=."
+        )
+    return columns, image_column, mask_column, labels_column, id_column
+
+
+def _streaming_filter(split, on_bad_sample):
+    skipped = [0]
+
+    def keep(example):
+        reason = example[ERROR_COLUMN]
+        if reason is None:
+            return True
+        if on_bad_sample == "raise":
+            raise BadSampleError(
+                f"split {split!r}: {reason}. Fix the sample, or pass on_bad_sample='skip' to drop bad samples with a "
+                "log line each."
+            )
+        skipped[0] += 1
+        logger.warning("split %r: skipped bad sample: %s (%d skipped so far)", split, reason, skipped[0])
+        return False
+
+    return keep
+
+
+def to_wsss_schema(
+    dataset,
+    image_column="image",
+    mask_column=None,
+    labels_column=None,
+    id_column=None,
+    class_names=None,
+    split="train",
+    verify_images=True,
+    on_bad_sample="raise",
+    num_proc=None,
+):
+    """Map one split (`Dataset` or `IterableDataset`) to the WSSS schema.
+
+    `mask_column` / `labels_column` / `id_column` default to `semantic_mask` / `labels` / `id` when such columns
+    exist; ids default to the row index. Streaming splits check samples as they stream: `"skip"` logs each one and the
+    running count, `"raise"` stops at the first.
+    """
+    check_on_bad_sample(on_bad_sample)
+    columns, image_column, mask_column, labels_column, id_column = _resolve_columns(
+        dataset, image_column, mask_column, labels_column, id_column
+    )
+    names = _class_names_from(dataset, labels_column, class_names)
+    metadata = {k: v for k, v in get_metadata(dataset).items() if k != "class_names"}
+    features = wsss_features(names)
+    for column in (image_column, mask_column):
+        if column and isinstance((dataset.features or {}).get(column), datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    fn_kwargs = {
+        "image_column": image_column,
+        "mask_column": mask_column,
+        "labels_column": labels_column,
+        "id_column": id_column,
+        "num_classes": len(names),
+        "verify": verify_images,
+    }
+    map_kwargs = {
+        "with_indices": True,
+        "fn_kwargs": fn_kwargs,
+        "remove_columns": columns,
+        "features": features_with_error_column(features),
+    }
+    if isinstance(dataset, datasets.IterableDataset):
+        mapped = dataset.map(_example_to_schema, **map_kwargs)
+        mapped = mapped.filter(_streaming_filter(split, on_bad_sample)).remove_columns(ERROR_COLUMN)
+        mapped.info.description = metadata_description(names, **metadata)
+        return mapped
+    mapped = dataset.map(_example_to_schema, num_proc=num_proc, desc=f"Mapping split {split!r}", **map_kwargs)
+    mapped = resolve_bad_samples(mapped, split, on_bad_sample)
+    mapped.info.description = metadata_description(names, **metadata)
+    return mapped
+
+
+def load_hub_dataset(
+    source,
+    split=None,
+    image_column="image",
+    mask_column=None,
+    labels_column=None,
+    id_column=None,
+    class_names=None,
+    streaming=False,
+    verify_images=True,
+    on_bad_sample="raise",
+    num_proc=None,
+    cache_dir=None,
+    **load_dataset_kwargs,
+):
+    """Load a Hub dataset id, a `save_to_disk` folder or a folder of data files, and map it to the WSSS schema.
+
+    Hub ids and data folders go through `datasets.load_dataset(source, ...)` (extra keyword arguments are passed to
+    it); `save_to_disk` folders through `datasets.load_from_disk`. Returns a `Dataset` / `IterableDataset` for one
+    split name, else a `DatasetDict` / `IterableDatasetDict`.
+    """
+    check_on_bad_sample(on_bad_sample)
+    if is_saved_dataset(source):
+        loaded = datasets.load_from_disk(str(source))
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({"train": loaded})
+        if split is not None:
+            wanted = [split] if isinstance(split, str) else list(split)
+            missing = [s for s in wanted if s not in loaded]
+            if missing:
+                raise ValueError(f"splits {missing} are not in {source} (it has {list(loaded)}); pass split=.")
+            loaded = datasets.DatasetDict({s: loaded[s] for s in wanted})
+        if streaming:
+            loaded = datasets.IterableDatasetDict({name: ds.to_iterable_dataset() for name, ds in loaded.items()})
+    else:
+        loaded = datasets.load_dataset(
+            str(source), split=split, streaming=streaming, cache_dir=cache_dir, **load_dataset_kwargs
+        )
+    single = isinstance(loaded, (datasets.Dataset, datasets.IterableDataset))
+    splits = {split: loaded} if single else dict(loaded)
+    single = isinstance(split, str)
+    # Keep the features of the source: `to_iterable_dataset` and streaming parquet keep them, so ClassLabel names
+    # and Image columns are visible to the mapping.
+    mapped = {
+        name: to_wsss_schema(
+            ds,
+            image_column=image_column,
+            mask_column=mask_column,
+            labels_column=labels_column,
+            id_column=id_column,
+            class_names=class_names,
+            split=name,
+            verify_images=verify_images,
+            on_bad_sample=on_bad_sample,
+            num_proc=None if streaming else num_proc,
+        )
+        for name, ds in splits.items()
+    }
+    if single:
+        return mapped[split]
+    return datasets.IterableDatasetDict(mapped) if streaming else datasets.DatasetDict(mapped)
