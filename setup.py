@@ -16,11 +16,11 @@ install_requires = [
     "numpy>=1.24",
     "pillow>=10.0",
     "tqdm>=4.60",
+    "datasets>=4.0",  # the data schema is used by evaluation and pseudo-labels, not only by training
 ]
 
 extras_require = {
     "train": [
-        "datasets>=3.0",
         "accelerate>=1.0",
         "evaluate>=0.4",
         "pycocotools>=2.0.7",

@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from weaktr_hf import (
@@ -355,13 +355,21 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
     accelerator.print(f"Pseudo-labels from {args.pseudo_label_cam} at threshold {threshold:.2f}, scales "
                       f"{tuple(args.cam_scales)}, flip {args.cam_flip}, CRF {'off' if crf is None else args.crf}")  # fmt: skip
     for folder, crf_params, _ in variants:
-        write_pseudo_labels(
+        summary = write_pseudo_labels(
             model, train, os.path.join(args.output_dir, folder), scales=args.cam_scales, flip=args.cam_flip,
             threshold=threshold, crf=crf_params, process_index=accelerator.process_index,
             num_processes=accelerator.num_processes, cam=args.pseudo_label_cam,
             show_progress=accelerator.is_local_main_process,
         )  # fmt: skip
-    accelerator.wait_for_everyone()
+        # Every image exactly once across processes: check the shards' union before anything trains on it.
+        shards = gather_object([(accelerator.process_index, summary.written, summary.skipped)])
+        done = [sample_id for _, written, skipped in shards for sample_id in written + skipped]
+        if len(done) != len(train) or len(set(done)) != len(done):
+            raise RuntimeError(f"{folder}: the shards covered {len(set(done))} distinct of {len(train)} images "
+                               f"with {len(done) - len(set(done))} duplicates.")  # fmt: skip
+        results[f"{folder}_written_per_process"] = [len(written) for _, written, _ in sorted(shards)]
+        accelerator.print(f"{folder}: wrote {sum(results[f'{folder}_written_per_process'])} PNGs "
+                          f"({results[f'{folder}_written_per_process']} per process), {len(done)} in all")  # fmt: skip
     results["pseudo_label_threshold"] = threshold
     if "semantic_mask" not in train.column_names or train[0]["semantic_mask"] is None:
         accelerator.print("The training split has no ground-truth masks: pseudo-labels and CAMs are not scored.")
@@ -506,7 +514,11 @@ def write_model_card(folder, repo_id, results, command, dataset_name):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Several processes but no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU machine): Accelerate
+    # only sets up CPU (gloo) process groups when told to use the CPU.
+    distributed_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=distributed_without_cuda,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),

@@ -1,0 +1,137 @@
+"""examples/train.py end to end on a tiny synthetic run: every stage, reload, resume, Hub upload, two processes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import pipeline
+
+import weaktr_hf.hub
+from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_TRAIN, NUM_VAL = 12, 4
+TINY = [
+    "--synthetic_num_train", str(NUM_TRAIN), "--synthetic_num_val", str(NUM_VAL), "--synthetic_image_size", "32",
+    "--cam_image_size", "32", "--seg_image_size", "32", "--seg_crop_size", "32", "--seg_base_size", "32",
+    "--window_size", "32", "--window_stride", "24", "--hidden_size", "32", "--intermediate_size", "64",
+    "--num_hidden_layers", "2", "--num_attention_heads", "2", "--decoder_hidden_size", "32",
+    "--decoder_intermediate_size", "64", "--decoder_num_attention_heads", "2", "--decoder_num_hidden_layers", "1",
+    "--per_device_train_batch_size", "4", "--seg_per_device_train_batch_size", "4", "--num_train_epochs", "2",
+    "--seg_num_train_epochs", "1", "--cam_eval_samples", "4", "--eval_scales", "1.0", "1.5", "--num_visualizations",
+    "2", "--clip_window_size", "16", "--cam_sweep_thresholds", "0.3", "0.5",
+]  # fmt: skip
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("weaktr_train_example", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def finished_run(script, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    results = script.main(["--output_dir", str(output_dir), *TINY])
+    return output_dir, results
+
+
+def test_whole_recipe_writes_models_results_and_figures(finished_run):
+    output_dir, results = finished_run
+    saved = json.loads((output_dir / "all_results.json").read_text())
+    for key in ("coarse_cam_miou", "fine_cam_miou", "pseudo_label_miou", "pseudo_label_crf_miou", "seg_val_miou",
+                "seg_val_miou_ms_flip", "trivial_baseline_miou"):  # fmt: skip
+        assert 0.0 <= saved[key] <= 1.0, key
+    assert saved == json.loads(json.dumps(results))
+    assert len(list((output_dir / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+    assert len(list((output_dir / "pseudo_labels_nocrf").glob("*.png"))) == NUM_TRAIN
+    figures = sorted(path.name for path in (output_dir / "figures").glob("*.png"))
+    assert any(name.startswith("cam_") for name in figures) and any(name.startswith("prediction_") for name in figures)
+    assert json.loads((output_dir / "cam_selection.json").read_text())["threshold"] in (0.3, 0.5)
+
+
+def test_saved_models_reload_and_run_in_the_pipelines(finished_run):
+    output_dir, _ = finished_run
+    assert isinstance(WeakTrForCAM.from_pretrained(output_dir / "cam"), WeakTrForCAM)
+    model = WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg")
+    assert model.config.id2label[0] == "background" and model.config.num_labels == 5
+    segmenter = pipeline("image-segmentation", model=str(output_dir / "seg"))
+    from weaktr_hf.data import load_wsss_dataset
+
+    image = load_wsss_dataset("synthetic", split="val", num_val=1, image_size=40)[0]["image"]
+    segments = segmenter(image)
+    assert segments and all(segment["mask"].size == image.size for segment in segments)
+    classifier = pipeline("image-classification", model=str(output_dir / "cam"))
+    assert len(classifier(image, top_k=4)) == 4
+
+
+def test_pseudo_stage_skips_finished_images_and_rewrites_nothing(script, finished_run):
+    output_dir, _ = finished_run
+    pngs = sorted((output_dir / "pseudo_labels").glob("*.png"))
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in pngs}
+    removed = pngs[0]
+    removed_bytes = removed.read_bytes()
+    removed.unlink()
+    results = script.main(["--output_dir", str(output_dir), "--stage", "pseudo", *TINY])
+    assert results["pseudo_labels_written_per_process"] == [1]  # only the deleted image is redone
+    assert removed.read_bytes() == removed_bytes
+    for path in pngs[1:]:
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == before[path.name]
+
+
+def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):
+    output_dir, _ = finished_run
+    uploads = []
+
+    class RecordingHfApi:
+        def create_repo(self, repo_id, exist_ok=False, **kwargs):
+            assert exist_ok
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append((repo_id, {name: Path(folder_path, name) for name in os.listdir(folder_path)}))
+
+    monkeypatch.setattr(weaktr_hf.hub, "HfApi", RecordingHfApi)
+    script.main(["--output_dir", str(output_dir), "--stage", "eval", "--push_to_hub", "--hub_model_id",
+                 "someone/weaktr-demo", *TINY])  # fmt: skip
+    (repo_id, files), = uploads
+    assert repo_id == "someone/weaktr-demo"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    card = files["README.md"].read_text()
+    front_matter = card.split("---")[1]
+    for field in ("library_name: transformers", "pipeline_tag: image-segmentation", "datasets:", "metrics:",
+                  "license:"):  # fmt: skip
+        assert field in front_matter
+    assert "| segmentation, single scale (val) |" in card and "--push_to_hub" in card
+
+
+def test_bad_preset_use_is_a_clear_error(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--preset", "voc12-deit-s"])
+    assert "needs --dataset_path" in capsys.readouterr().err
+
+
+def test_two_processes_train_cams_and_shard_pseudo_labels(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (on a CPU-only machine: two gloo processes): the cam stage,
+    then the pseudo-label stage writes each image exactly once."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "examples" / "train.py"), "--output_dir", str(tmp_path), *TINY, "--num_train_epochs", "1"]  # fmt: skip
+    for stage in ("cam", "pseudo"):
+        done = subprocess.run([*command, "--stage", stage], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["pseudo_labels_written_per_process"] == [NUM_TRAIN // 2, NUM_TRAIN // 2]
+    assert len(list((tmp_path / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
