@@ -1,0 +1,95 @@
+"""Shared test helpers: tiny WeakTr configs and inputs, so each model test runs in a fraction of a second."""
+
+import pytest
+import torch
+
+from weaktr_hf import WeakTrConfig
+from weaktr_hf.labels import foreground_id2label, segmentation_id2label
+
+CAM_CLASSES = ("cat", "dog", "bird")
+NUM_CAM_LABELS = len(CAM_CLASSES)
+
+
+class WeakTrModelTester:
+    """Builds tiny configs and matching inputs for both WeakTr models.
+
+    The encoder has patch 8, width 32, 2 layers of 4 heads (K = 8 attention maps, head dim 8) and is built for
+    32 x 32 inputs (a 4 x 4 grid); the decoder is 32 wide with 2 layers. Drop-path is off so that outputs are
+    deterministic in training mode too.
+    """
+
+    image_size = 32
+    patch_size = 8
+    hidden_size = 32
+    num_hidden_layers = 2
+    num_attention_heads = 4
+
+    def get_config(self, **overrides):
+        """Step-1 config: one class token per name of `CAM_CLASSES`."""
+        kwargs = {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": 4 * self.hidden_size,
+            "drop_path_rate": 0.0,
+            "aaf_reduction": 2,  # K = 8 maps -> 4
+            "aaf_feat_reduction": 2,  # head dim 8 -> 4
+            "decoder_hidden_size": 32,
+            "decoder_num_hidden_layers": 2,
+            "decoder_num_attention_heads": 4,
+            "decoder_intermediate_size": 64,
+            "id2label": foreground_id2label(CAM_CLASSES),
+        }
+        return WeakTrConfig(**{**kwargs, **overrides})
+
+    def get_segmentation_config(self, **overrides):
+        """Step-2 config: background (label 0) plus `CAM_CLASSES`."""
+        overrides.setdefault("id2label", segmentation_id2label(CAM_CLASSES))
+        return self.get_config(**overrides)
+
+    def prepare_pixel_values(self, batch_size=2, height=None, width=None, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        height = height or self.image_size
+        width = width or self.image_size
+        return torch.randn(batch_size, 3, height, width, generator=generator)
+
+    def prepare_cam_labels(self, batch_size=2, num_labels=NUM_CAM_LABELS, seed=0):
+        """Multi-hot labels with at least one present and one absent class per image."""
+        generator = torch.Generator().manual_seed(seed)
+        labels = (torch.rand(batch_size, num_labels, generator=generator) > 0.5).float()
+        labels[:, 0] = 1.0
+        labels[:, -1] = 0.0
+        return labels
+
+    def prepare_segmentation_labels(self, batch_size=2, height=None, width=None, num_labels=NUM_CAM_LABELS + 1,
+                                    seed=0, ignore_fraction=0.1):  # fmt: skip
+        """Int64 class-id maps with a fraction of pixels set to the ignore index 255."""
+        generator = torch.Generator().manual_seed(seed)
+        height = height or self.image_size
+        width = width or self.image_size
+        labels = torch.randint(0, num_labels, (batch_size, height, width), generator=generator)
+        ignored = torch.rand(batch_size, height, width, generator=generator) < ignore_fraction
+        return labels.masked_fill(ignored, 255)
+
+
+@pytest.fixture
+def tester():
+    return WeakTrModelTester()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, so weights built inside tests are reproducible."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def single_thread():
+    """Run on one intra-op thread: tiny tensors gain nothing from more, and on a busy machine threads that wait for
+    each other at every op make a tiny model's training loop many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
