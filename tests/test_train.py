@@ -135,3 +135,18 @@ def test_two_processes_train_cams_and_shard_pseudo_labels(tmp_path):
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["pseudo_labels_written_per_process"] == [NUM_TRAIN // 2, NUM_TRAIN // 2]
     assert len(list((tmp_path / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+
+
+def test_tracking_logs_the_three_cam_losses_lr_and_selection_miou(script, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script.main(["--output_dir", str(tmp_path), "--stage", "cam", "--with_tracking", "--report_to", "tensorboard",
+                 "--logging_steps", "1", *TINY])  # fmt: skip
+    event_files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert event_files
+    tags = set()
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"cam/loss", "cam/class_loss", "cam/coarse_loss", "cam/fine_loss", "cam/lr", "cam/selection_miou"} <= tags

@@ -1,0 +1,68 @@
+"""transformers pipelines on saved WeakTr folders (model + WeakTrImageProcessor), as a user would load them."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoImageProcessor, pipeline
+
+from weaktr_hf import WeakTrForSemanticSegmentation, WeakTrImageProcessor, upsample_logits
+
+
+@pytest.fixture
+def saved_segmenter(tester, tmp_path):
+    torch.manual_seed(0)
+    model = WeakTrForSemanticSegmentation(tester.get_segmentation_config())
+    model.save_pretrained(tmp_path)
+    WeakTrImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+def random_image(height=37, width=50, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels)
+
+
+def test_auto_image_processor_loads_ours(saved_segmenter):
+    folder, _ = saved_segmenter
+    assert isinstance(AutoImageProcessor.from_pretrained(folder), WeakTrImageProcessor)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_image_segmentation_pipeline_returns_one_mask_per_predicted_class(saved_segmenter, tmp_path, as_path):
+    folder, model = saved_segmenter
+    image = random_image()
+    source = image
+    if as_path:
+        source = str(tmp_path / "image.png")
+        image.save(source)
+    segments = pipeline("image-segmentation", model=str(folder))(source)
+
+    # The same prediction by hand: processor -> model -> upsample to the image size -> argmax.
+    processor = WeakTrImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model.eval()(**processor(image, return_tensors="pt")).logits
+    resized = torch.nn.functional.interpolate(logits, size=(37, 50), mode="bilinear", align_corners=False)
+    expected = resized.argmax(1)[0]
+    labels = {segment["label"] for segment in segments}
+    assert labels == {model.config.id2label[int(i)] for i in expected.unique()}
+    for segment in segments:
+        assert segment["mask"].size == image.size
+        class_id = model.config.label2id[segment["label"]]
+        np.testing.assert_array_equal(np.array(segment["mask"]) > 0, (expected == class_id).numpy())
+
+
+def test_padding_processor_and_post_processing_line_up_with_the_model_padding(saved_segmenter):
+    """do_pad pads bottom/right to the patch size; post-processing crops it back, like upsample_logits does."""
+    folder, model = saved_segmenter
+    processor = WeakTrImageProcessor(do_resize=False, do_pad=True, size_divisor=8)
+    image = random_image(30, 45)
+    inputs = processor(image, return_tensors="pt")
+    assert inputs.pixel_values.shape[-2:] == (32, 48)
+    with torch.no_grad():
+        outputs = model.eval()(**inputs)
+        unpadded = model(processor(image, return_tensors="pt", do_pad=False).pixel_values).logits
+    prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[(30, 45)])[0]
+    expected = upsample_logits(unpadded, (30, 45), 8).argmax(1)[0]
+    assert prediction.shape == (30, 45)
+    assert torch.equal(prediction, expected)
