@@ -74,7 +74,7 @@ def load_timm_backbone(model, source, strict=True):
     `WeakTrForSemanticSegmentation` or `WeakTrModel`).
 
     The single [CLS] token and its position row are repeated for every prefix token (the C class tokens of step 1),
-    patch position rows are resized bicubically to the model's grid, the classifier is dropped, and every other key is
+    patch position rows are resized to the model's grid (bicubic for step 1, bilinear for step 2, as the authors), the classifier is dropped, and every other key is
     copied. `source` is a timm model name (downloads; needs network), a timm model, a state dict, or a local
     `.pth` / `.safetensors` file.
 
@@ -95,7 +95,9 @@ def load_timm_backbone(model, source, strict=True):
             prefix = value[:, :1] if num_source_prefix else value.new_zeros(1, 1, value.shape[-1])
             patches = value[:, num_source_prefix:]
             side = int(round(patches.shape[1] ** 0.5))
-            patches = resize_position_embeddings(patches, (side, side), encoder.grid_size, "bicubic")
+            # Step 1 resizes ImageNet tables bicubically, step 2 bilinearly (as each of the authors' steps does).
+            mode = "bilinear" if encoder.position_interpolation == "bilinear" else "bicubic"
+            patches = resize_position_embeddings(patches, (side, side), encoder.grid_size, mode)
             new_state[key] = torch.cat([prefix.expand(-1, encoder.num_prefix_tokens, -1), patches], dim=1)
         elif key in target_state:
             new_state[key] = value
