@@ -64,6 +64,7 @@ from weaktr_hf.visualization import colorize_mask, overlay_cam, side_by_side
 logger = logging.getLogger("weaktr")
 
 STAGES = ("cam", "pseudo", "seg", "eval")
+CAM_NAMES = ("coarse_cam", "fine_cam", "cross_attention")
 
 # Every hyper-parameter of a recipe. Flags given on the command line override the preset's value.
 PRESETS = {
@@ -141,7 +142,8 @@ def parse_args(argv=None):
     add("--cam_sweep_thresholds", type=float, nargs="+")
     add("--cam_scales", type=float, nargs="+")
     add("--no_cam_flip", dest="cam_flip", action="store_false", default=None)
-    add("--pseudo_label_cam", choices=("fine_cam", "coarse_cam", "cross_attention"))
+    add("--pseudo_label_cam", choices=CAM_NAMES + ("auto",),
+        help="CAM behind the pseudo-labels; 'auto' picks the best of the three on the train subset each epoch")
     add("--crf", choices=sorted(CRF_PRESETS), help="dense-CRF parameters for the pseudo-labels")
     add("--no_crf", action="store_true", help="skip the dense CRF (pseudo-labels straight from the CAMs)")
     # Model size (presets set them; override for experiments).
@@ -304,22 +306,28 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     selection_subset = train.select(range(min(args.cam_eval_samples, len(train))))
     state = TrainState()
 
+    candidates = CAM_NAMES if args.pseudo_label_cam == "auto" else (args.pseudo_label_cam,)
+
     def on_epoch_end(epoch, train_state):
         unwrapped = accelerator.unwrap_model(model)
-        scores = evaluate_cams(unwrapped, selection_subset, cams=(args.pseudo_label_cam,), thresholds=thresholds,
-                               accelerator=accelerator, show_progress=False)[args.pseudo_label_cam]  # fmt: skip
-        accelerator.log({"cam/selection_miou": scores["mean_iou"], "cam/epoch": epoch}, step=train_state.completed_steps)
+        all_scores = evaluate_cams(unwrapped, selection_subset, cams=candidates, thresholds=thresholds,
+                                   accelerator=accelerator, show_progress=False)  # fmt: skip
+        cam = max(candidates, key=lambda name: all_scores[name]["mean_iou"])
+        scores = all_scores[cam]
+        accelerator.log({f"cam/selection_miou_{name}": value["mean_iou"] for name, value in all_scores.items()}
+                        | {"cam/selection_miou": scores["mean_iou"], "cam/epoch": epoch},
+                        step=train_state.completed_steps)  # fmt: skip
         improved = scores["mean_iou"] > train_state.best_metric
-        accelerator.print(f"epoch {epoch}: {args.pseudo_label_cam} mIoU {scores['mean_iou']:.4f} at threshold "
-                          f"{scores['threshold']:.2f} on {len(selection_subset)} train images"
-                          + (" (best so far, saved)" if improved else ""))  # fmt: skip
+        accelerator.print(f"epoch {epoch}: " + ", ".join(f"{name} {value['mean_iou']:.3f} (t={value['threshold']:.2f})"
+                          for name, value in all_scores.items()) + f" mIoU on {len(selection_subset)} train images"
+                          + (f"; best so far with {cam}, saved" if improved else ""))  # fmt: skip
         if improved:
             train_state.best_metric, train_state.best_epoch = scores["mean_iou"], epoch
             save_pretrained_atomic(unwrapped, os.path.join(args.output_dir, "cam"), processor,
                                    accelerator.is_main_process)  # fmt: skip
             if accelerator.is_main_process:
                 write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),
-                                  {"epoch": epoch, "threshold": scores["threshold"], "cam": args.pseudo_label_cam,
+                                  {"epoch": epoch, "threshold": scores["threshold"], "cam": cam,
                                    "miou": scores["mean_iou"], "per_threshold": scores["per_threshold"]})  # fmt: skip
         model.train()
 
@@ -335,54 +343,62 @@ def cam_stage(args, accelerator, dataset, class_names, results):
                    cam_best_epoch=state.best_epoch, cam_selection_miou=state.best_metric)  # fmt: skip
 
 
-def pseudo_label_threshold(args):
-    if args.cam_threshold != "sweep":
-        return args.cam_threshold
-    with open(os.path.join(args.output_dir, "cam_selection.json"), encoding="utf-8") as handle:
-        return json.load(handle)["threshold"]
+def pseudo_label_choice(args):
+    """(CAM name, background threshold) for the pseudo-labels: as given, or as picked on the train subset."""
+    if args.cam_threshold != "sweep" and args.pseudo_label_cam != "auto":
+        return args.pseudo_label_cam, args.cam_threshold
+    path = os.path.join(args.output_dir, "cam_selection.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run --stage cam first, or give --cam_threshold and a CAM name.")
+    with open(path, encoding="utf-8") as handle:
+        selection = json.load(handle)
+    cam = selection["cam"] if args.pseudo_label_cam == "auto" else args.pseudo_label_cam
+    threshold = selection["threshold"] if args.cam_threshold == "sweep" else args.cam_threshold
+    return cam, threshold
 
 
 def pseudo_stage(args, accelerator, dataset, class_names, results):
     """CAMs of every training image -> thresholded (and CRF-refined) pseudo-label PNGs, sharded over processes."""
     train = split(dataset, args.train_split)
     model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam")).to(accelerator.device)
-    threshold = pseudo_label_threshold(args)
+    cam, threshold = pseudo_label_choice(args)
     crf = None if args.no_crf else CRF_PRESETS[args.crf]
-    # (folder, CRF parameters, result key); the step-2 stage trains on `pseudo_labels`.
-    variants = [("pseudo_labels", None, "pseudo_label_miou")]
-    if crf is not None:
-        variants = [("pseudo_labels_nocrf", None, "pseudo_label_miou"), ("pseudo_labels", crf, "pseudo_label_crf_miou")]
-    accelerator.print(f"Pseudo-labels from {args.pseudo_label_cam} at threshold {threshold:.2f}, scales "
+    accelerator.print(f"Pseudo-labels from {cam} at threshold {threshold:.2f}, scales "
                       f"{tuple(args.cam_scales)}, flip {args.cam_flip}, CRF {'off' if crf is None else args.crf}")  # fmt: skip
-    for folder, crf_params, _ in variants:
-        summary = write_pseudo_labels(
-            model, train, os.path.join(args.output_dir, folder), scales=args.cam_scales, flip=args.cam_flip,
-            threshold=threshold, crf=crf_params, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, cam=args.pseudo_label_cam,
-            show_progress=accelerator.is_local_main_process,
-        )  # fmt: skip
-        # Every image exactly once across processes: check the shards' union before anything trains on it.
-        shards = gather_object([(accelerator.process_index, summary.written, summary.skipped)])
-        done = [sample_id for _, written, skipped in shards for sample_id in written + skipped]
-        if len(done) != len(train) or len(set(done)) != len(done):
-            raise RuntimeError(f"{folder}: the shards covered {len(set(done))} distinct of {len(train)} images "
-                               f"with {len(done) - len(set(done))} duplicates.")  # fmt: skip
-        results[f"{folder}_written_per_process"] = [len(written) for _, written, _ in sorted(shards)]
-        accelerator.print(f"{folder}: wrote {sum(results[f'{folder}_written_per_process'])} PNGs "
-                          f"({results[f'{folder}_written_per_process']} per process), {len(done)} in all")  # fmt: skip
-    results["pseudo_label_threshold"] = threshold
+    # The step-2 stage trains on `pseudo_labels`; with the CRF the maps before it go to `pseudo_labels_nocrf`.
+    folders = {"pseudo_labels": os.path.join(args.output_dir, "pseudo_labels")}
+    if crf is not None:
+        folders["pseudo_labels_nocrf"] = os.path.join(args.output_dir, "pseudo_labels_nocrf")
+    summary = write_pseudo_labels(
+        model, train, folders["pseudo_labels"], scales=args.cam_scales, flip=args.cam_flip, threshold=threshold,
+        crf=crf, process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        cam=cam, show_progress=accelerator.is_local_main_process, uncrf_output_dir=folders.get("pseudo_labels_nocrf"),
+    )  # fmt: skip
+    # Every image exactly once across processes: check the shards' union before anything trains on it.
+    shards = gather_object([(accelerator.process_index, summary.written, summary.skipped)])
+    done = [sample_id for _, written, skipped in shards for sample_id in written + skipped]
+    if len(done) != len(train) or len(set(done)) != len(done):
+        raise RuntimeError(f"Pseudo-labels: the shards covered {len(set(done))} distinct of {len(train)} images "
+                           f"with {len(done) - len(set(done))} duplicates.")  # fmt: skip
+    results["pseudo_labels_written_per_process"] = [len(written) for _, written, _ in sorted(shards)]
+    accelerator.print(f"Pseudo-labels: wrote {sum(results['pseudo_labels_written_per_process'])} "
+                      f"({results['pseudo_labels_written_per_process']} per process), {len(done)} in all")  # fmt: skip
+    results.update(pseudo_label_threshold=threshold, pseudo_label_cam=cam)
     if "semantic_mask" not in train.column_names or train[0]["semantic_mask"] is None:
         accelerator.print("The training split has no ground-truth masks: pseudo-labels and CAMs are not scored.")
         return
     if accelerator.is_main_process:
-        for folder, _, key in variants:
-            folder = os.path.join(args.output_dir, folder)
-            results[key] = evaluate_pseudo_labels(train, folder, len(class_names) + 1)["mean_iou"]
+        scored = {"pseudo_labels": "pseudo_label_crf_miou" if crf else "pseudo_label_miou",
+                  "pseudo_labels_nocrf": "pseudo_label_miou"}  # fmt: skip
+        for name, folder in folders.items():
+            results[scored[name]] = evaluate_pseudo_labels(train, folder, len(class_names) + 1)["mean_iou"]
     subset = train.select(range(min(args.cam_eval_samples, len(train))))
-    scores = evaluate_cams(model, subset, cams=("coarse_cam", "fine_cam", "cross_attention"), thresholds=[threshold],
-                           scales=args.cam_scales, flip=args.cam_flip, accelerator=accelerator)  # fmt: skip
-    for cam, score in scores.items():
-        results[f"{cam}_miou"] = score["mean_iou"]
+    # Each CAM at its own best threshold of the sweep (or at the given threshold), with the generation's scales.
+    thresholds = args.cam_sweep_thresholds if args.cam_threshold == "sweep" else [args.cam_threshold]
+    scores = evaluate_cams(model, subset, cams=CAM_NAMES, thresholds=thresholds, scales=args.cam_scales,
+                           flip=args.cam_flip, accelerator=accelerator)  # fmt: skip
+    for name, score in scores.items():
+        results[f"{name}_miou"], results[f"{name}_threshold"] = score["mean_iou"], score["threshold"]
     results["cam_eval_samples"] = len(subset)
 
 

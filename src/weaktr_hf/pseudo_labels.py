@@ -116,6 +116,7 @@ def write_pseudo_labels(
     num_processes=1,
     cam="fine_cam",
     show_progress=True,
+    uncrf_output_dir=None,
 ):
     """
     Write `output_dir/<id>.png` for every sample of this process's shard: the pseudo-label map of METHOD.md
@@ -139,6 +140,9 @@ def write_pseudo_labels(
         process_index, num_processes (`int`): this process's shard (e.g. `accelerator.process_index`,
             `accelerator.num_processes`).
         show_progress (`bool`): show a tqdm bar (pass `accelerator.is_main_process`).
+        uncrf_output_dir (*optional*): with `crf`, also write the maps before the CRF there, from the same CAMs (so
+            both can be scored without computing the CAMs twice). A sample counts as done when every requested
+            PNG exists.
 
     Returns:
         `PseudoLabelSummary` with the ids written by this call and the ids of its shard that were already done.
@@ -156,12 +160,16 @@ def write_pseudo_labels(
             "needs each sample's image and image-level labels."
         )
     ids = _check_ids(dataset)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dirs = [output_dir] + ([uncrf_output_dir] if crf is not None and uncrf_output_dir is not None else [])
+    for folder in output_dirs:
+        os.makedirs(folder, exist_ok=True)
     image_transform = image_transform if image_transform is not None else _default_image_transform()
     num_classes = model.config.num_labels
 
     shard = range(process_index, len(ids), num_processes)
-    skipped = [ids[i] for i in shard if os.path.exists(pseudo_label_path(output_dir, ids[i]))]
+    skipped = [
+        ids[i] for i in shard if all(os.path.exists(pseudo_label_path(folder, ids[i])) for folder in output_dirs)
+    ]
     done = set(skipped)
     pending = [i for i in shard if ids[i] not in done]
     samples = dataset.select_columns(["image", "labels"])  # leave other columns (e.g. masks) undecoded
@@ -193,8 +201,11 @@ def write_pseudo_labels(
         labels = [present_ids]
         cams = generate_cams(model, pixel_values[None], labels, scales=scales, flip=flip, cam=cam)
         label_map = cams_to_labels(cams, labels, threshold)[0].cpu().numpy()
+        if len(output_dirs) > 1:
+            save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map.astype(np.uint8))
         if crf is not None and present_ids:
             label_map = _refine_with_crf(_uint8_image(image), label_map, present_ids, crf)
+        # Written last: its presence marks the sample as done.
         save_label_png(pseudo_label_path(output_dir, sample_id), label_map.astype(np.uint8))
         written.append(sample_id)
     return PseudoLabelSummary(written=written, skipped=skipped)
