@@ -73,16 +73,20 @@ PRESETS = {
     "demo": dict(
         dataset_path="synthetic", synthetic_num_classes=4, synthetic_image_size=64, synthetic_num_train=1000,
         synthetic_num_val=100,
+        # A 4-layer ViT of width 128 on 8-px patches (an 8 x 8 grid): small enough for ~1,000 steps in a few minutes.
         patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
         drop_path_rate=0.0, aaf_reduction=2, aaf_feat_reduction=2,
-        cam_image_size=64, cam_augment="light", per_device_train_batch_size=32, learning_rate=1e-3,
-        weight_decay=0.03, num_train_epochs=8, warmup_epochs=1, cam_eval_samples=64,
-        cam_threshold="sweep", cam_sweep_thresholds=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6),
-        cam_scales=(1.0, 1.25), cam_flip=True, pseudo_label_cam="fine_cam", crf="voc12",
+        cam_image_size=64, cam_augment="light", per_device_train_batch_size=32, learning_rate=2e-3,
+        weight_decay=0.03, num_train_epochs=25, warmup_epochs=2, cam_eval_samples=64,
+        # From scratch the fine CAM is not yet reliable (shared/docs/CALIBRATION.md): pick the best of the three
+        # CAMs and the threshold on the train subset, and report all three.
+        cam_threshold="sweep", cam_sweep_thresholds=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        cam_scales=(1.0, 1.25), cam_flip=True, pseudo_label_cam="auto", crf="voc12",
         seg_image_size=64, seg_crop_size=64, seg_base_size=64, seg_per_device_train_batch_size=16,
-        seg_learning_rate=0.01, seg_encoder_lr_scale=0.1, seg_num_train_epochs=6, seg_init="cam",
+        seg_learning_rate=0.01, seg_encoder_lr_scale=0.1, seg_num_train_epochs=12, seg_init="cam",
         decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
         decoder_intermediate_size=512, decoder_hidden_dropout_prob=0.0,
+        # 32-px windows: 4 per 64-px crop, as 120-px windows are 4 per side of the paper's 480 crops.
         clip_start_value=1.2, clip_window_size=32,
         window_size=64, window_stride=48, eval_scales=(0.75, 1.0, 1.25), eval_samples=None,
     ),  # fmt: skip
