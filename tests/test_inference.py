@@ -177,3 +177,15 @@ def test_cams_to_labels_background_threshold_and_absent_classes():
     assert label_map.tolist() == [[[1, 0, 2]]]
     # With a zero threshold an absent class (all zeros) still never wins: ties go to background.
     assert cams_to_labels(torch.zeros(1, 3, 1, 2), [[]], threshold=0.0).tolist() == [[[0, 0]]]
+
+
+def test_generate_cams_for_several_names_equals_one_call_per_name(tester):
+    torch.manual_seed(0)
+    model = WeakTrForCAM(tester.get_config())
+    pixel_values = tester.prepare_pixel_values(batch_size=1, height=30, width=37)
+    names = ("coarse_cam", "fine_cam", "cross_attention")
+    together = generate_cams(model, pixel_values, [[0, 2]], scales=(1.0, 1.2), flip=True, cam=names)
+    assert set(together) == set(names)
+    for name in names:
+        alone = generate_cams(model, pixel_values, [[0, 2]], scales=(1.0, 1.2), flip=True, cam=name)
+        torch.testing.assert_close(together[name], alone, rtol=0, atol=0)

@@ -70,8 +70,8 @@ def evaluate_cams(
         example = dataset[index]
         reference = _reference(example)
         pixel_values = transform(example["image"]).unsqueeze(0).to(device)
-        for cam in cams:
-            maps = generate_cams(model, pixel_values, [example["labels"]], scales=scales, flip=flip, cam=cam)
+        all_maps = generate_cams(model, pixel_values, [example["labels"]], scales=scales, flip=flip, cam=tuple(cams))
+        for cam, maps in all_maps.items():
             for threshold, matrix in zip(thresholds, matrices[cam]):
                 matrix.update(cams_to_labels(maps, [example["labels"]], threshold)[0].cpu().numpy(), reference)
     results = {}

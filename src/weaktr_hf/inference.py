@@ -180,23 +180,26 @@ def generate_cams(model, pixel_values, labels, scales=(1.0, 1.2), flip=True, cam
         labels: image-level labels, multi-hot `(batch_size, num_labels)` or one list of class ids per image.
         scales (`tuple[float]`): 1.0 / 1.2 for VOC, 1.0 / 0.8 / 1.2 for COCO in the paper.
         flip (`bool`): add the horizontally flipped pass of every scale.
-        cam (`str`): the output field to use: `"fine_cam"` (the paper's), `"coarse_cam"` or `"cross_attention"`.
+        cam (`str` or `tuple[str]`): the output field to use: `"fine_cam"` (the paper's), `"coarse_cam"` or
+            `"cross_attention"`; a tuple of them gives `{name: cams}` from the same forward passes.
 
     Returns:
-        `torch.FloatTensor` of shape `(batch_size, num_labels, height, width)` on the model's device: values in [0, 1]
-        for present classes, exactly 0 for absent ones.
+        `torch.FloatTensor` of shape `(batch_size, num_labels, height, width)` on the model's device (a dict of them
+        for a tuple of names): values in [0, 1] for present classes, exactly 0 for absent ones.
     """
     _check_pixel_values(pixel_values)
     scales = _check_scales(scales)
-    if cam not in CAM_OUTPUT_NAMES:
-        raise ValueError(f"cam must be one of {CAM_OUTPUT_NAMES}, got {cam!r}.")
+    names = (cam,) if isinstance(cam, str) else tuple(cam)
+    for name in names:
+        if name not in CAM_OUTPUT_NAMES:
+            raise ValueError(f"cam must be one of {CAM_OUTPUT_NAMES} (or a tuple of them), got {name!r}.")
     batch_size, _, height, width = pixel_values.shape
     device = _model_device(model)
     present = _present_classes(labels, batch_size, model.config.num_labels, device)
     keep = present[..., None, None].float()
+    totals = dict.fromkeys(names)
     with _eval_mode(model):
         pixel_values = pixel_values.to(device)
-        total = None
         for scale in scales:
             size = scaled_input_size((height, width), scale, model.config.patch_size)
             scaled = pixel_values
@@ -205,13 +208,15 @@ def generate_cams(model, pixel_values, labels, scales=(1.0, 1.2), flip=True, cam
                     pixel_values.float(), size=size, mode="bicubic", align_corners=False, antialias=True
                 )
             for flipped in (False, True) if flip else (False,):
-                inputs = scaled.flip(-1) if flipped else scaled
-                maps = getattr(model(pixel_values=inputs), cam).float().relu()
-                if flipped:
-                    maps = maps.flip(-1)
-                maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False) * keep
-                total = maps if total is None else total + maps
-    return normalize_cams(total, present)
+                outputs = model(pixel_values=scaled.flip(-1) if flipped else scaled)
+                for name in names:  # one forward pass serves every requested CAM
+                    maps = getattr(outputs, name).float().relu()
+                    if flipped:
+                        maps = maps.flip(-1)
+                    maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False) * keep
+                    totals[name] = maps if totals[name] is None else totals[name] + maps
+    cams = {name: normalize_cams(total, present) for name, total in totals.items()}
+    return cams[cam] if isinstance(cam, str) else cams
 
 
 def cams_to_labels(cams, labels, threshold):

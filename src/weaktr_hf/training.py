@@ -322,6 +322,16 @@ def train_model(
     return train_state
 
 
+def release_training_state(accelerator):
+    """Forget the prepared objects and checkpointed states of a finished stage.
+
+    Without this, a later stage's checkpoints would also hold the earlier stage's model and state, and could not be
+    resumed by a run that prepares only the later stage.
+    """
+    accelerator.clear()
+    accelerator._custom_objects.clear()  # `clear` leaves objects registered for checkpointing in place
+
+
 __all__ = [
     "SeededTransformDataset",
     "TrainState",
@@ -329,6 +339,7 @@ __all__ = [
     "build_scheduler",
     "build_seg_optimizer",
     "find_latest_checkpoint",
+    "release_training_state",
     "resolve_checkpoint",
     "save_checkpoint",
     "save_pretrained_atomic",
