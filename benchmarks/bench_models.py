@@ -23,7 +23,6 @@ import copy
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -307,8 +306,15 @@ def case_step2(zoo, spec):
     seg = zoo.get("seg")
     floor = TimmFeaturesDecoder(zoo.get("timm_step2"), seg.decoder, seg.config.patch_size).eval()
     callables = {"seg": forward_fn(zoo.cast(seg), pixels), "floor": forward_fn(zoo.cast(floor), pixels)}
-    rows = [("seg", "floor", "WeakTrForSemanticSegmentation (SDPA)", "floor: timm forward_features (SDPA) + our decoder",
-             1.05)]  # fmt: skip
+    rows = [
+        (
+            "seg",
+            "floor",
+            "WeakTrForSemanticSegmentation (SDPA)",
+            "floor: timm forward_features (SDPA) + our decoder",
+            1.05,
+        )
+    ]
     return f"{size}x{size} b{batch}", callables, rows
 
 
@@ -343,14 +349,17 @@ def case_train(zoo, spec):
             return F.multilabel_soft_margin_loss(model(pixels).float(), labels)
 
         callables = {
-            "cam_c20": train_step_fn(zoo.get("cam_c20"), lambda model: model(pixels, labels=labels).loss, device, dtype),
+            "cam_c20": train_step_fn(
+                zoo.get("cam_c20"), lambda model: model(pixels, labels=labels).loss, device, dtype
+            ),
             "timm_eager_reg19": train_step_fn(zoo.get("timm_step1_reg19"), timm_loss, device, dtype),
             "timm_eager": train_step_fn(zoo.get("timm_step1"), timm_loss, device, dtype),
         }
         rows = [
             ("cam_c20", "timm_eager_reg19", "WeakTrForCAM C=20 train step",
              "timm eager + 19 registers, linear head, multi-label loss", None),
-            ("cam_c20", "timm_eager", "WeakTrForCAM C=20 train step", "timm eager, linear head, multi-label loss", None),
+            ("cam_c20", "timm_eager", "WeakTrForCAM C=20 train step",
+             "timm eager, linear head, multi-label loss", None),
         ]  # fmt: skip
         return f"step 1, {size}x{size} b{batch}", callables, rows
 
@@ -628,6 +637,7 @@ def main(argv=None):
         return memory_worker(args)
 
     started = time.time()
+    started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     specs = plan_cases(args)
     zoos = {name: ModelZoo(args.device, getattr(torch, name)) for name in args.dtypes}
@@ -678,17 +688,26 @@ def main(argv=None):
     print()
     print(table)
     report = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": started_at,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": args.device,
         "machine": machine_info(args),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "settings": {"repeats": args.repeats, "warmup": max(args.warmup, 1), "dtypes": args.dtypes,
-                     "sections": list(args.sections), "timer": args.timer, "threads": torch.get_num_threads()},  # fmt: skip
-        "memory_method": None if args.no_memory else (
-            "torch.cuda.max_memory_allocated - memory_allocated before the call" if args.device != "cpu" else
-            "VmHWM (reset via /proc/self/clear_refs) - VmRSS before the call, in a fresh process with a fixed "
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": max(args.warmup, 1),
+            "dtypes": args.dtypes,
+            "sections": list(args.sections),
+            "timer": args.timer,
+            "threads": torch.get_num_threads(),
+        },  # fmt: skip
+        "memory_method": None
+        if args.no_memory
+        else (
+            "torch.cuda.max_memory_allocated - memory_allocated before the call"
+            if args.device != "cpu"
+            else "VmHWM (reset via /proc/self/clear_refs) - VmRSS before the call, in a fresh process with a fixed "
             "128 KiB glibc mmap threshold; training cases after one warm-up step"
         ),  # fmt: skip
         "encoder_parity_max_abs_diff": parity,
