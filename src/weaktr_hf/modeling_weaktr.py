@@ -6,7 +6,6 @@ step-2 decoder and its gradient-clipping loss (`WeakTrForSemanticSegmentation`).
 Paper: Zhu et al., "WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation".
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -591,6 +590,14 @@ class WeakTrMaskTransformerDecoder(nn.Module):
         return masks.transpose(1, 2).reshape(masks.shape[0], self.num_labels, *grid), attentions
 
 
+def padded_length(length, patch_size):
+    """`length` rounded up to a multiple of `patch_size`.
+
+    Written with floor division: `torch.compile` with dynamic shapes cannot trace `%` on symbolic sizes here.
+    """
+    return (length + patch_size - 1) // patch_size * patch_size
+
+
 def upsample_logits(logits, input_size, patch_size):
     """Patch-resolution logits -> `input_size` `(H, W)` pixels.
 
@@ -598,7 +605,7 @@ def upsample_logits(logits, input_size, patch_size):
     size and the padding is cropped, so predictions line up with the unpadded input.
     """
     height, width = input_size
-    padded = (math.ceil(height / patch_size) * patch_size, math.ceil(width / patch_size) * patch_size)
+    padded = (padded_length(height, patch_size), padded_length(width, patch_size))
     upsampled = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
     return upsampled[..., :height, :width]
 
@@ -683,7 +690,9 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         patch_size = self.config.patch_size
         height, width = pixel_values.shape[-2:]
-        padded = F.pad(pixel_values, (0, (-width) % patch_size, 0, (-height) % patch_size))
+        padded = F.pad(
+            pixel_values, (0, padded_length(width, patch_size) - width, 0, padded_length(height, patch_size) - height)
+        )
         grid = (padded.shape[-2] // patch_size, padded.shape[-1] // patch_size)
 
         outputs = self.weaktr(
