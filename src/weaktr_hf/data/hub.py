@@ -19,6 +19,7 @@ from .schema import (
     check_on_bad_sample,
     encode_mask_png,
     features_with_error_column,
+    find_class_names,
     get_metadata,
     labels_from_mask,
     mask_to_array,
@@ -40,14 +41,9 @@ def is_saved_dataset(path):
 def _class_names_from(dataset, labels_column, class_names):
     if class_names is not None:
         return list(class_names)
-    features = dataset.features or {}
-    feature = features.get(labels_column) if labels_column else None
-    names = getattr(getattr(feature, "feature", None), "names", None)
+    names = find_class_names(dataset, labels_column)
     if names:
-        return list(names)
-    names = get_metadata(dataset).get("class_names")
-    if names:
-        return list(names)
+        return names
     raise ValueError(
         "cannot tell the foreground class names of this dataset (no ClassLabel label column); pass "
         "class_names=[...] in label order 0..C-1 (background excluded)."

@@ -76,20 +76,23 @@ def get_metadata(dataset):
         return {}
 
 
+def find_class_names(dataset, labels_column="labels"):
+    """Foreground class names from a list-of-ClassLabel column's feature, else the recorded metadata, else None."""
+    features = _first_split(dataset).features
+    labels = None if features is None or not labels_column else features.get(labels_column)
+    names = getattr(getattr(labels, "feature", None), "names", None) or get_metadata(dataset).get("class_names")
+    return list(names) if names else None
+
+
 def get_class_names(dataset):
     """The foreground class names of a WSSS dataset (a `Dataset`, `DatasetDict` or their iterable versions)."""
-    features = _first_split(dataset).features
-    labels = None if features is None else features.get("labels")
-    names = getattr(getattr(labels, "feature", None), "names", None)
-    if names:
-        return list(names)
-    names = get_metadata(dataset).get("class_names")
-    if names:
-        return list(names)
-    raise ValueError(
-        "this dataset does not record its class names (its `labels` feature is not a list of ClassLabel); load it "
-        "with weaktr_hf.data.load_wsss_dataset(..., class_names=[...])."
-    )
+    names = find_class_names(dataset)
+    if names is None:
+        raise ValueError(
+            "this dataset does not record its class names (its `labels` feature is not a list of ClassLabel); load "
+            "it with weaktr_hf.data.load_wsss_dataset(..., class_names=[...])."
+        )
+    return names
 
 
 def get_id2label(dataset, with_background=False):
