@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from weaktr_hf.data import BadSampleError, get_class_names, load_wsss_dataset, wsss_features
+from weaktr_hf.data import BadSampleError, get_class_names, load_wsss_dataset, to_wsss_schema, wsss_features
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -165,3 +165,42 @@ def test_streaming_skip_logs_bad_samples_as_they_pass(tmp_path, caplog):
     assert any("sample-1" in r.getMessage() and "1 skipped so far" in r.getMessage() for r in caplog.records)
     with pytest.raises(BadSampleError, match=r"holds class ids \[9\]"):
         list(load_wsss_dataset(tmp_path / "hub", split="train", **kwargs))
+
+
+def test_single_label_classlabel_column_is_a_one_element_label_list():
+    """Image-classification datasets hold one `ClassLabel` per image: its names are the classes, its id the label."""
+    source = datasets.Dataset.from_dict(
+        {"image": [image(20), image(21)], "label": [2, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)}),
+    )
+
+    dataset = to_wsss_schema(source, labels_column="label")
+
+    assert get_class_names(dataset) == NAMES
+    assert dataset["labels"] == [[2], [0]]
+    with_names = to_wsss_schema(source, labels_column="label", class_names=NAMES)
+    assert with_names["labels"] == [[2], [0]]
+
+
+def test_labels_that_are_not_class_ids_name_what_is_expected():
+    source = datasets.Dataset.from_dict({"image": [image(22)], "labels": [["cat"]]})
+
+    with pytest.raises(BadSampleError, match="expected a class id or a list of class ids"):
+        to_wsss_schema(source, class_names=NAMES)
+
+
+def test_array_image_column_is_encoded_as_images():
+    pixels = np.random.default_rng(3).integers(0, 255, (8, 6, 3), dtype=np.uint8)
+    source = datasets.Dataset.from_dict(
+        {"image": [pixels], "labels": [[1]]},
+        features=datasets.Features(
+            {"image": datasets.Array3D((8, 6, 3), "uint8"), "labels": datasets.List(datasets.Value("int64"))}
+        ),
+    )
+
+    dataset = to_wsss_schema(source, class_names=NAMES)
+
+    np.testing.assert_array_equal(np.array(dataset[0]["image"]), pixels)
+    floats = datasets.Dataset.from_dict({"image": [pixels.astype(np.float32)], "labels": [[1]]})
+    with pytest.raises(BadSampleError, match="an image array must hold 8-bit values"):
+        to_wsss_schema(floats, class_names=NAMES)

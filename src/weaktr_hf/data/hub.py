@@ -45,13 +45,18 @@ def _class_names_from(dataset, labels_column, class_names):
     if names:
         return names
     raise ValueError(
-        "cannot tell the foreground class names of this dataset (no ClassLabel label column); pass "
-        "class_names=[...] in label order 0..C-1 (background excluded)."
+        f"cannot tell the foreground class names of this dataset (label column {labels_column!r} is not a ClassLabel "
+        "or a list of ClassLabel, and no names were recorded); pass class_names=[...] in label order 0..C-1 "
+        "(background excluded)."
     )
 
 
-def _storage(value, name):
-    """A `datasets.Image` storage dict for an image/mask value: undecoded storage, a PIL image, or an array."""
+def _storage(value, name, is_mask=True):
+    """A `datasets.Image` storage dict for an image/mask value: undecoded storage, a PIL image, or an array.
+
+    Arrays are encoded as PNG: a mask must be (height, width) of class indices 0..255; an image (height, width) or
+    (height, width, 3 or 4) of integer values 0..255 (`datasets` hands array columns to `map` as nested lists).
+    """
     if value is None:
         return None
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
@@ -59,6 +64,15 @@ def _storage(value, name):
     if hasattr(value, "mode"):  # an already decoded PIL image (e.g. an IterableDataset that ignored the cast)
         return value
     array = np.asarray(value)
+    if not is_mask:
+        shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
+        values_ok = array.size and np.issubdtype(array.dtype, np.integer) and 0 <= array.min() <= array.max() <= 255
+        if not (shape_ok and values_ok):
+            raise BadSampleError(
+                f"{name} is an array of shape {array.shape} and dtype {array.dtype}; an image array must hold 8-bit "
+                "values 0..255 as (height, width), (height, width, 3) or (height, width, 4)"
+            )
+        return encode_mask_png(array)
     if array.ndim != 2:
         raise BadSampleError(f"{name} is an array of shape {array.shape}; a mask must be (height, width)")
     if array.min() < 0 or array.max() > 255:
@@ -71,7 +85,7 @@ def _example_to_schema(example, index, image_column, mask_column, labels_column,
     sample_id = str(example[id_column]) if id_column else f"{index:08d}"
     row = {"image": None, "semantic_mask": None, "labels": [], "id": sample_id, ERROR_COLUMN: None}
     try:
-        row["image"] = _storage(example[image_column], f"image of sample {sample_id}")
+        row["image"] = _storage(example[image_column], f"image of sample {sample_id}", is_mask=False)
         if row["image"] is None:
             raise BadSampleError(f"sample {sample_id} has no image in column {image_column!r}")
         image_size = check_image(row["image"], f"of sample {sample_id}", verify)

@@ -77,10 +77,16 @@ def get_metadata(dataset):
 
 
 def find_class_names(dataset, labels_column="labels"):
-    """Foreground class names from a list-of-ClassLabel column's feature, else the recorded metadata, else None."""
+    """Foreground class names from the label column's `ClassLabel` feature, else the recorded metadata, else None.
+
+    The column may hold a list of `ClassLabel` (multi-label) or a single `ClassLabel` (one label per image, as in
+    image-classification datasets).
+    """
     features = _first_split(dataset).features
     labels = None if features is None or not labels_column else features.get(labels_column)
-    names = getattr(getattr(labels, "feature", None), "names", None) or get_metadata(dataset).get("class_names")
+    if not isinstance(labels, datasets.ClassLabel):
+        labels = getattr(labels, "feature", None)
+    names = getattr(labels, "names", None) or get_metadata(dataset).get("class_names")
     return list(names) if names else None
 
 
@@ -184,11 +190,18 @@ def labels_from_mask(mask, num_classes, name="mask"):
 
 
 def check_labels(labels, num_classes, name):
-    """Image-level labels as a sorted list of distinct ints in 0..C-1, or an error naming the sample."""
+    """Image-level labels as a sorted list of distinct ints in 0..C-1, or an error naming the sample.
+
+    A single class id (a scalar, as a single-label `ClassLabel` column holds) is a one-element list.
+    """
+    if np.ndim(labels) == 0:
+        labels = [labels]
     try:
         values = sorted({int(v) for v in labels})
     except (TypeError, ValueError) as error:
-        raise BadSampleError(f"labels of {name} are not integer class ids: {labels!r}") from error
+        raise BadSampleError(
+            f"labels of {name} are not integer class ids: {labels!r}; expected a class id or a list of class ids"
+        ) from error
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
         raise BadSampleError(
@@ -199,7 +212,7 @@ def check_labels(labels, num_classes, name):
 
 
 def encode_mask_png(mask):
-    """A `datasets.Image` storage dict holding a class-index mask as a grey PNG."""
+    """A `datasets.Image` storage dict holding a uint8 array as a PNG (a class-index mask, or an image array)."""
     buffer = io.BytesIO()
     PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
