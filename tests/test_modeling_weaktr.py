@@ -164,3 +164,21 @@ def test_image_classification_pipeline_returns_sigmoid_multi_label_scores(tester
     for prediction in predictions:
         assert prediction["score"] == pytest.approx(expected[prediction["label"]], abs=1e-5)
     assert abs(sum(prediction["score"] for prediction in predictions) - 1.0) > 0.05  # not a softmax
+
+
+@pytest.mark.parametrize("model_class", [WeakTrModel, WeakTrForCAM, WeakTrForSemanticSegmentation])
+def test_unsupported_masks_and_fixed_position_table_are_refused_not_ignored(tester, model_class):
+    config = tester.get_segmentation_config() if model_class is WeakTrForSemanticSegmentation else tester.get_config()
+    model = model_class(config).eval()
+    pixel_values = tester.prepare_pixel_values(batch_size=1)
+    heads = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="does not support head_mask"):
+            model(pixel_values, head_mask=heads)
+        with pytest.raises(ValueError, match="does not support attention_mask"):
+            model(pixel_values, attention_mask=torch.ones(1, 16))
+        model(pixel_values, interpolate_pos_encoding=False)  # the training grid needs no resize
+        with pytest.raises(ValueError, match="interpolate_pos_encoding=False"):
+            model(tester.prepare_pixel_values(batch_size=1, height=48, width=32), interpolate_pos_encoding=False)
+        model(pixel_values, num_items_in_batch=4)  # other trainer keywords stay accepted

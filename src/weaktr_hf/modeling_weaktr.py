@@ -327,6 +327,19 @@ class WeakTrModel(WeakTrPreTrainedModel):
     def get_input_embeddings(self):
         return self.patch_embed
 
+    def _check_unsupported_inputs(self, kwargs, grid):
+        for name in ("head_mask", "attention_mask"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"WeakTr does not support {name}: every attention head and every patch is used. Drop {name}=."
+                )
+        if kwargs.get("interpolate_pos_encoding") is False and tuple(grid) != tuple(self.grid_size):
+            raise ValueError(
+                f"interpolate_pos_encoding=False, but the input is a {grid[0]}x{grid[1]} patch grid and the position "
+                f"table is {self.grid_size[0]}x{self.grid_size[1]} (config.image_size); WeakTr always resizes the "
+                "table to the input. Pass images of config.image_size, or drop interpolate_pos_encoding=False."
+            )
+
     def interpolate_pos_encoding(self, grid):
         """The position table for an input of `grid = (rows, cols)` patches (unchanged for the training grid)."""
         prefix = self.pos_embed[:, : self.num_prefix_tokens]
@@ -344,6 +357,13 @@ class WeakTrModel(WeakTrPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> WeakTrModelOutput | tuple:
+        r"""
+        Other keyword arguments (e.g. the trainer's `num_items_in_batch`) are accepted and unused, except these, which
+        would otherwise be silently ignored: `head_mask` and `attention_mask` (not supported: every head and every
+        patch is used, the CAM fuses all heads' attention) raise an error; `interpolate_pos_encoding=False` raises an
+        error for an input whose patch grid differs from the training grid, as the position table is always resized
+        to the input.
+        """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -352,6 +372,7 @@ class WeakTrModel(WeakTrPreTrainedModel):
 
         patches = self.patch_embed(pixel_values)
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        self._check_unsupported_inputs(kwargs, grid)
         prefix = self.cls_token.expand(patches.shape[0], -1, -1)
         hidden_states = torch.cat([prefix, patches], dim=1) + self.interpolate_pos_encoding(grid)
         hidden_states = self.pos_drop(hidden_states)
@@ -488,6 +509,7 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attention_outputs=True,
             return_dict=True,
+            **kwargs,
         )
         num_classes = self.num_labels
         batch_size = pixel_values.shape[0]
@@ -696,7 +718,11 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         grid = (padded.shape[-2] // patch_size, padded.shape[-1] // patch_size)
 
         outputs = self.weaktr(
-            padded, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+            padded,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
         logits, decoder_attentions = self.decoder(
             outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions
