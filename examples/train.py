@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
 from weaktr_hf import (
@@ -34,7 +35,7 @@ from weaktr_hf import (
     WeakTrImageProcessor,
     load_timm_backbone,
 )
-from weaktr_hf.crf import COCO_PSEUDO_LABEL_CRF, SEGMENTATION_CRF, VOC_PSEUDO_LABEL_CRF
+from weaktr_hf.crf import COCO_PSEUDO_LABEL_CRF, COCO_SEGMENTATION_CRF, SEGMENTATION_CRF, VOC_PSEUDO_LABEL_CRF
 from weaktr_hf.data import (
     CAMCollator,
     CAMTrainTransform,
@@ -44,6 +45,7 @@ from weaktr_hf.data import (
     load_wsss_dataset,
     trivial_baseline_miou,
 )
+from weaktr_hf.data.coco import is_coco_root
 from weaktr_hf.evaluation import evaluate_cams, evaluate_segmentation
 from weaktr_hf.hub import push_folder_to_hub, render_model_card
 from weaktr_hf.inference import generate_cams
@@ -52,6 +54,7 @@ from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset
 from weaktr_hf.training import (
     SeededTransformDataset,
     TrainState,
+    UpdateStepCosineScheduler,
     build_cam_optimizer,
     build_scheduler,
     build_seg_optimizer,
@@ -67,7 +70,9 @@ logger = logging.getLogger("weaktr")
 STAGES = ("cam", "pseudo", "seg", "eval")
 CAM_NAMES = ("coarse_cam", "fine_cam", "cross_attention")
 
-# Every hyper-parameter of a recipe. Flags given on the command line override the preset's value.
+# Every hyper-parameter of a recipe. Flags given on the command line override the preset's value; keys a preset does
+# not set take FALLBACKS. Batch sizes are global (`total_train_batch_size`, `seg_total_train_batch_size`): each process
+# gets global / (processes x accumulation steps), and schedules count updates of the global batch.
 PRESETS = {
     # Offline demo: the built-in synthetic dataset and a small ViT trained from scratch on 2 CPU cores in minutes.
     # No ImageNet weights can be had offline, so this is a smoke test of the whole pipeline, not a reproduction.
@@ -77,13 +82,13 @@ PRESETS = {
         # A 4-layer ViT of width 128 on 8-px patches (an 8 x 8 grid): small enough for ~1,000 steps in a few minutes.
         patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
         drop_path_rate=0.0, aaf_reduction=2, aaf_feat_reduction=2,
-        cam_image_size=64, cam_augment="light", per_device_train_batch_size=32, learning_rate=2e-3,
+        cam_image_size=64, cam_augment="light", total_train_batch_size=32, learning_rate=2e-3,
         weight_decay=0.03, num_train_epochs=30, warmup_epochs=2, cam_eval_samples=64,
         # From scratch the fine CAM is not yet reliable (shared/docs/CALIBRATION.md): pick the best of the three
         # CAMs and the threshold on the train subset, and report all three.
         cam_threshold="sweep", cam_sweep_thresholds=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
         cam_scales=(1.0, 1.25), cam_flip=True, pseudo_label_cam="auto", crf="voc12",
-        seg_image_size=64, seg_crop_size=64, seg_base_size=64, seg_per_device_train_batch_size=16,
+        seg_image_size=64, seg_crop_size=64, seg_base_size=64, seg_total_train_batch_size=16,
         seg_learning_rate=0.01, seg_encoder_lr_scale=0.1, seg_num_train_epochs=10, seg_init="cam",
         decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
         decoder_intermediate_size=512, decoder_hidden_dropout_prob=0.0,
@@ -97,32 +102,102 @@ PRESETS = {
         # are identical to loading in the main process (checked bit for bit), only faster.
         dataloader_num_workers=1,
     ),  # fmt: skip
-    # The authors' DeiT-S recipe on PASCAL VOC 2012 (METHOD.md); needs --dataset_path and ImageNet weights.
-    "voc12-deit-s": dict(
-        patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-        drop_path_rate=0.1, aaf_reduction=8, aaf_feat_reduction=8,
-        cam_image_size=224, cam_augment="timm", per_device_train_batch_size=64, learning_rate=6e-4 * 64 / 512,
-        weight_decay=0.03, num_train_epochs=60, warmup_epochs=5, cam_eval_samples=1464, cam_threshold=0.43,
-        cam_sweep_thresholds=(0.40, 0.45, 0.50, 0.55, 0.60), cam_scales=(1.0, 1.2), cam_flip=True,
-        pseudo_label_cam="fine_cam", crf="voc12", train_split="train_aug",
-        seg_image_size=480, seg_crop_size=480, seg_base_size=512, seg_per_device_train_batch_size=4,
-        seg_learning_rate=1e-4, seg_encoder_lr_scale=0.1, seg_num_train_epochs=64, seg_init="backbone",
-        decoder_hidden_size=384, decoder_num_hidden_layers=2, decoder_num_attention_heads=6,
-        decoder_intermediate_size=1536, decoder_hidden_dropout_prob=0.1,
-        clip_start_value=1.2, clip_window_size=120,
-        window_size=480, window_stride=320, eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), eval_samples=None,
-    ),  # fmt: skip
 }
+
+# The authors' recipe, from their code (hustvl/WeakTr at 3457ad3; `OR/` = OnlineRetraining/segm/). Each value cites
+# the file:line it comes from; where a documented command (docs/Training.md, docs/Evaluate.md) overrides a default,
+# the documented value is used. Presets for other backbones and datasets derive from these pieces.
+DEIT_S = dict(
+    # deit_small_patch16_224 (main.py:50, models.py WeakTr defaults; OR/config.yml deit_small_patch16_224).
+    patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+    drop_path_rate=0.1,  # main.py:56; OR/train.py:56
+    # Step-2 decoder: d_model = encoder width, heads = width // 64, FF = 4 x width (OR/model/factory.py:120-124),
+    # 2 layers and dropout 0.1 (OR/config.yml:153-156).
+    decoder_hidden_size=384, decoder_num_hidden_layers=2, decoder_num_attention_heads=6,
+    decoder_intermediate_size=1536, decoder_hidden_dropout_prob=0.1,
+)  # fmt: skip
+AUTHORS_STEP1 = dict(
+    aaf_reduction=8,  # --reduction 8 (docs/Training.md:14); AAF max pooling (Training.md:15) is the config default
+    aaf_feat_reduction=8,  # main.py:62
+    cam_head_init="pytorch",  # conv head and AAF keep PyTorch's default init (models.py:24-26, 41; AAF.py:12-22)
+    cam_image_size=224,  # main.py:52
+    cam_augment="timm",  # timm create_transform, rand-m9-mstd0.5-inc1, re 0.25 (datasets.py:198-207; main.py:106-124)
+    total_train_batch_size=64,  # global batch, divided over processes (main.py:33, 210)
+    learning_rate=6e-4 * 64 / 512,  # --lr 6e-4 (Training.md:16) x batch x world / 512 (main.py:357-358)
+    weight_decay=0.03,  # Training.md:17
+    decay_all_parameters=True,  # create_optimizer(args, model.parameters()): no bias/norm filter (main.py:360)
+    num_train_epochs=60,  # main.py:34
+    # timm CosineLRScheduler stepped after each epoch (main.py:363, 399): t_initial 60, warm-up 5 epochs from 1e-6,
+    # lr_min 1e-5 (main.py:89-96).
+    cam_lr_schedule="epoch", warmup_epochs=5, warmup_learning_rate=1e-6, min_learning_rate=1e-5,
+    # Best-epoch selection: after each epoch, fine CAMs at scale 1.0 plus flip (--scales default [1.0], the MS
+    # dataset appends the flip: main.py:170, datasets.py:157-161) on the selection list (Training.md:11, 55), each
+    # threshold from 0.40 up in 0.01 steps while the mIoU improves (main.py:177-178; evaluation.py:258-267).
+    cam_eval_samples=None, cam_eval_scales=(1.0,), cam_eval_flip=True,
+    cam_selection_thresholds=tuple(round(0.40 + 0.01 * i, 2) for i in range(20)), cam_selection_early_stop=True,
+    # Pseudo-labels: fine CAM (attention-type fused + patch refine, main.py:162, 172), flip (datasets.py:157-160).
+    pseudo_label_cam="fine_cam", cam_flip=True, cam_sweep_thresholds=(0.40, 0.45, 0.50, 0.55, 0.60),
+)  # fmt: skip
+AUTHORS_STEP2 = dict(
+    seg_init="backbone",  # ImageNet weights, pos 14 -> 30 bilinear (OR/model/factory.py:95-96; OR/model/utils.py:22-40)
+    seg_image_size=480, seg_crop_size=480,  # crop 480 (OR/config.yml:182)
+    seg_base_size=520,  # im_size 520 (OR/config.yml:181): short side 520 x ratio in [0.5, 2] (OR/data/base.py:58-66)
+    seg_max_ratio=8,  # long side <= 8 x 520 x ratio (max_ratio, OR/data/config/pascal_voc.py:10)
+    seg_antialias=False,  # mmcv cv2 bilinear resize, no antialiasing
+    # mmseg Normalize with the DeiT mean/std x 255 rounded to 2 decimals (OR/data/base.py:35-37; OR/data/utils.py:10).
+    seg_image_mean=tuple(value / 255 for value in (123.68, 116.28, 103.53)),
+    seg_image_std=tuple(value / 255 for value in (58.4, 57.12, 57.38)),
+    seg_total_train_batch_size=4,  # --batch-size 4, global, divided over processes (OR/train.py:57, 147-148, 160)
+    seg_learning_rate=1e-4,  # OR/train.py:59
+    seg_encoder_lr_scale=0.1,  # --enc-lr 0.1 as lr_scale of every encoder group (OR/train.py:61, 252-268)
+    seg_min_learning_rate=1e-5,  # poly power 0.9 down to min_lr 1e-5, per iteration (OR/train.py:63-64, 192-196)
+    seg_nesterov=True, seg_momentum=0.9,  # opt 'sgd' = Nesterov SGD, momentum 0.9 (OR/train.py:52, 188; optim_factory.py:134-136)
+    seg_num_train_epochs=100,  # --epochs 100 (OR/train.py:58)
+    clip_start_value=1.2, clip_window_size=120,  # --start-value 1.2 --patch-size 120 (Training.md:96, 107)
+    # Evaluation (docs/Evaluate.md): windows 480 / 320 (OR/config.yml:183-184); each image resized to short side 520
+    # x scale (OR/data/base.py:58-61, 92-111; OR/eval/miou.py:257-258), passes below 480 upsampled to 480
+    # (OR/model/utils.py:106-118, 181); 0.8 x P(decoder block 1) + P(final) (--backbone multi --weight 0.8,
+    # OR/eval/miou.py:84-85, 222-223; OR/model/decoder.py:175-191); then the dense CRF (OR/eval/make_crf.py:141-163).
+    window_size=480, window_stride=320, eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), eval_samples=None,
+    eval_base_size=520, eval_min_size=480, eval_aux_weight=0.8,
+)  # fmt: skip
+PRESETS["voc12-deit-s"] = dict(
+    **DEIT_S, **AUTHORS_STEP1, **AUTHORS_STEP2,
+    train_split="train_aug",  # datasets.py:105; Training.md:23
+    cam_eval_split="train",  # voc12/train_id.txt, the 1,464 VOC train images (Training.md:11)
+    cam_threshold=0.43,  # --t 43 (Training.md:45)
+    cam_scales=(1.0, 1.2),  # Training.md:24
+    crf="voc12",  # crf_inference_label (tool/imutils.py:4-20)
+    eval_crf="voc12",  # crf_inference_voc12 (OR/eval/densecrf.py:4-37)
+)  # fmt: skip
 PRESETS["coco14-deit-s"] = dict(
-    PRESETS["voc12-deit-s"], learning_rate=2e-4, cam_threshold=0.42, cam_scales=(1.0, 0.8, 1.2), crf="coco14",
-    train_split="train", cam_eval_samples=1250,
+    PRESETS["voc12-deit-s"],
+    learning_rate=2e-4 * 64 / 512,  # --lr 2e-4 (Training.md:61) x batch x world / 512 (main.py:357)
+    train_split="train",  # coco/train_id.txt, 82,081 images (datasets.py:37; Training.md:67)
+    coco_id_layout="raw",  # 90 class tokens on raw category ids (datasets.py:184-189)
+    # coco/train_1250_id.txt: the first 1,250 train ids in annotation-file order (Training.md:55).
+    cam_eval_split=None, cam_eval_samples=1250, cam_eval_order="annotation_file",
+    cam_threshold=0.42,  # --t 42 (Training.md:82)
+    cam_scales=(1.0, 0.8, 1.2),  # Training.md:68
+    crf="coco14",  # crf_inference_label_coco (tool/imutils.py:22-38)
+    eval_crf="coco14",  # crf_inference_coco (OR/eval/densecrf.py:40-70)
 )  # fmt: skip
 CRF_PRESETS = {"voc12": VOC_PSEUDO_LABEL_CRF, "coco14": COCO_PSEUDO_LABEL_CRF}
+EVAL_CRF_PRESETS = {"voc12": SEGMENTATION_CRF, "coco14": COCO_SEGMENTATION_CRF}
 FALLBACKS = dict(
     dataset_path="synthetic", train_split="train", val_split="val", seed=42, gradient_accumulation_steps=1,
     dataloader_num_workers=0, checkpoints_total_limit=2, logging_steps=10, max_train_steps=None,
     seg_max_train_steps=None, num_visualizations=4, crf="voc12", use_gradient_clipping=True, backbone=None,
     cam_model_name_or_path=None, num_threads=None,
+    # Package defaults where the authors' recipe is not the point (the demo): a per-update cosine from 0 to 0 and a
+    # poly decay to 0, decay-free biases and tokens, scales applied to the native image, no eval CRF or ensemble.
+    cam_lr_schedule="step", warmup_learning_rate=0.0, min_learning_rate=0.0, decay_all_parameters=False,
+    cam_head_init="default", cam_eval_split=None, cam_eval_order="dataset", cam_eval_ids=None,
+    cam_eval_scales=None, cam_eval_flip=False, cam_selection_thresholds=None, cam_selection_early_stop=False,
+    seg_min_learning_rate=0.0, seg_nesterov=False, seg_momentum=0.9, seg_max_ratio=4, seg_antialias=True,
+    seg_image_mean=tuple(IMAGENET_DEFAULT_MEAN), seg_image_std=tuple(IMAGENET_DEFAULT_STD),
+    eval_base_size=None, eval_min_size=None, eval_aux_weight=0.0, eval_crf=None, eval_ids=None,
+    coco_id_layout="contiguous", image_labels_file=None, pseudo_label_eval_split=None,
 )  # fmt: skip
 
 
@@ -137,18 +212,40 @@ def parse_args(argv=None):
     add("--val_split")
     add("--backbone", help="ImageNet init: a timm model name (needs network) or a local timm checkpoint file")
     add("--cam_model_name_or_path", help="start step 1 from a saved / converted WeakTrForCAM instead")
+    add("--allow_random_init", action="store_true",
+        help="let a paper preset train without --backbone / --cam_model_name_or_path (from random weights)")
+    add("--print_config", action="store_true", help="print the resolved recipe as JSON and exit (loads nothing)")
     add("--seed", type=int)
     # Step 1 (the standard names configure the CAM stage).
-    add("--per_device_train_batch_size", type=int)
-    add("--learning_rate", type=float)
+    add("--total_train_batch_size", type=int,
+        help="global step-1 batch: each process gets it / (processes x accumulation steps)")
+    add("--per_device_train_batch_size", type=int, help="overrides --total_train_batch_size")
+    add("--learning_rate", type=float, help="peak step-1 lr (the authors' recipe: lr x global batch / 512)")
     add("--weight_decay", type=float)
+    add("--decay_all_parameters", type=_bool, help="also decay biases, norms and tokens (as the authors)")
     add("--num_train_epochs", type=int)
     add("--max_train_steps", type=int, help="overrides --num_train_epochs")
     add("--warmup_epochs", type=float)
+    add("--warmup_learning_rate", type=float, help="step-1 lr at the start of the warm-up")
+    add("--min_learning_rate", type=float, help="step-1 cosine floor")
+    add("--cam_lr_schedule", choices=("epoch", "step"),
+        help="timm cosine stepped after each epoch (the authors') or after each update")
+    add("--cam_head_init", choices=("pytorch", "default"),
+        help="init of the CAM conv head and the attention fusion: PyTorch's defaults (the authors') or trunc-normal")
     add("--gradient_accumulation_steps", type=int)
     add("--cam_image_size", type=int)
     add("--cam_augment", choices=("timm", "light", "none"))
-    add("--cam_eval_samples", type=int, help="train images scored after each epoch to pick the best one")
+    add("--cam_eval_samples", type=int, help="images scored after each epoch to pick the best one (first N)")
+    add("--cam_eval_split", help="split holding the selection images (default: the training split)")
+    add("--cam_eval_order", choices=("dataset", "annotation_file"),
+        help="order before taking the first N: the dataset's, or the COCO annotation file's (the authors' lists)")
+    add("--cam_eval_ids", help="text file of image ids (one per line) to select on instead")
+    add("--cam_eval_scales", type=float, nargs="+", help="scales of the selection CAMs (default 1.0)")
+    add("--cam_eval_flip", type=_bool, help="add flipped passes to the selection CAMs")
+    add("--cam_selection_thresholds", type=float, nargs="+",
+        help="thresholds scored at each selection (default: --cam_threshold, or the sweep list)")
+    add("--cam_selection_early_stop", type=_bool,
+        help="stop the threshold sweep at the first one that does not improve (the authors')")
     add("--cam_threshold", help="background score, or 'sweep' to pick it on the train subset")
     add("--cam_sweep_thresholds", type=float, nargs="+")
     add("--cam_scales", type=float, nargs="+")
@@ -157,6 +254,10 @@ def parse_args(argv=None):
         help="CAM behind the pseudo-labels; 'auto' picks the best of the three on the train subset each epoch")
     add("--crf", choices=sorted(CRF_PRESETS), help="dense-CRF parameters for the pseudo-labels")
     add("--no_crf", action="store_true", help="skip the dense CRF (pseudo-labels straight from the CAMs)")
+    add("--pseudo_label_eval_split", help="also score the pseudo-labels on the images of this split (VOC: train)")
+    add("--coco_id_layout", choices=("raw", "contiguous"),
+        help="COCO classes: 90 raw category ids (the authors') or 80 contiguous ones")
+    add("--image_labels_file", help="image-level labels from a .npy dict {id: multi-hot} (the authors' cls_labels.npy)")
     # Model size (presets set them; override for experiments).
     for name in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "aaf_reduction", "aaf_feat_reduction", "decoder_hidden_size", "decoder_num_hidden_layers",
@@ -165,14 +266,22 @@ def parse_args(argv=None):
     for name in ("drop_path_rate", "decoder_hidden_dropout_prob", "clip_start_value"):
         add(f"--{name}", type=float)
     # Step 2.
-    add("--seg_per_device_train_batch_size", type=int)
+    add("--seg_total_train_batch_size", type=int, help="global step-2 batch, divided over processes")
+    add("--seg_per_device_train_batch_size", type=int, help="overrides --seg_total_train_batch_size")
     add("--seg_learning_rate", type=float)
+    add("--seg_min_learning_rate", type=float, help="floor of the poly schedule (the encoder ends at its scale x it)")
     add("--seg_encoder_lr_scale", type=float)
+    add("--seg_momentum", type=float)
+    add("--seg_nesterov", type=_bool)
     add("--seg_num_train_epochs", type=int)
     add("--seg_max_train_steps", type=int)
     add("--seg_image_size", type=int)
     add("--seg_crop_size", type=int)
     add("--seg_base_size", type=int)
+    add("--seg_max_ratio", type=float, help="long side capped at this x the base size x the random ratio")
+    add("--seg_antialias", type=_bool, help="antialiased resizing in step-2 augmentation (mmseg/cv2: no)")
+    add("--seg_image_mean", type=float, nargs=3)
+    add("--seg_image_std", type=float, nargs=3)
     add("--seg_init", choices=("backbone", "cam", "scratch"), help="encoder init: --backbone, the step-1 encoder, none")
     add("--no_gradient_clipping", dest="use_gradient_clipping", action="store_false", default=None)
     # Evaluation.
@@ -180,6 +289,11 @@ def parse_args(argv=None):
     add("--window_stride", type=int)
     add("--eval_scales", type=float, nargs="+")
     add("--eval_samples", type=int, help="score only the first N validation images")
+    add("--eval_ids", help="text file of validation image ids (one per line) to score instead of the whole split")
+    add("--eval_base_size", type=int, help="resize each image to this short side before the scales")
+    add("--eval_min_size", type=int, help="upsample any pass whose short side is below this")
+    add("--eval_aux_weight", type=float, help="add this x the probabilities decoded before the last decoder block")
+    add("--eval_crf", choices=sorted(EVAL_CRF_PRESETS), help="also score with the dense CRF on the probabilities")
     add("--num_visualizations", type=int)
     # Synthetic data.
     add("--synthetic_num_classes", type=int)
@@ -202,6 +316,13 @@ def parse_args(argv=None):
     return apply_preset(args, parser)
 
 
+def _bool(value):
+    lowered = str(value).lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return lowered in ("true", "1", "yes")
+
+
 def apply_preset(args, parser):
     """Unset flags take the preset's value, then the fallback; anything given on the command line wins."""
     preset = PRESETS[args.preset]
@@ -212,7 +333,8 @@ def apply_preset(args, parser):
         if getattr(args, key) is None:
             setattr(args, key, True)
     if args.preset != "demo" and args.dataset_path == "synthetic" and "dataset_path" not in preset:
-        parser.error(f"--preset {args.preset} needs --dataset_path (a VOCdevkit/VOC2012 or COCO root, or a Hub id).")
+        if not args.print_config:
+            parser.error(f"--preset {args.preset} needs --dataset_path (a VOCdevkit/VOC2012 or COCO root, or a Hub id).")
     if args.cam_threshold != "sweep":
         try:
             args.cam_threshold = float(args.cam_threshold)
@@ -222,9 +344,89 @@ def apply_preset(args, parser):
         if not str(args.checkpointing_steps).isdigit():
             parser.error(f"--checkpointing_steps must be an integer or 'epoch', got {args.checkpointing_steps!r}.")
         args.checkpointing_steps = int(args.checkpointing_steps)
+    check_pretrained_init(args, parser)
+    return args
+
+
+def check_pretrained_init(args, parser):
+    """A paper preset trained from random weights is no reproduction: stop unless `--allow_random_init` says so."""
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    missing = []
+    if "cam" in stages and not (args.backbone or args.cam_model_name_or_path):
+        missing.append("step 1 needs --backbone (ImageNet weights) or --cam_model_name_or_path")
+    if "seg" in stages and args.seg_init == "backbone" and not args.backbone:
+        missing.append("step 2 (--seg_init backbone) needs --backbone")
+    if missing and args.preset != "demo" and not args.allow_random_init and not args.print_config:
+        parser.error(f"--preset {args.preset}: " + "; ".join(missing) + ". Without them training would start from "
+                     "random weights; pass --allow_random_init to do that anyway.")  # fmt: skip
     if args.seg_init == "backbone" and not args.backbone:
         args.seg_init = "scratch"
+
+
+def resolve_batch_sizes(args, num_processes):
+    """Per-device batch sizes from the global ones (or the global ones from a per-device override)."""
+    shards = num_processes * args.gradient_accumulation_steps
+    for prefix in ("", "seg_"):
+        per_device, total = f"{prefix}per_device_train_batch_size", f"{prefix}total_train_batch_size"
+        if getattr(args, per_device) is None:
+            if getattr(args, total) % shards:
+                raise ValueError(
+                    f"--{total} {getattr(args, total)} is not divisible by {num_processes} processes x "
+                    f"{args.gradient_accumulation_steps} accumulation steps; choose a global batch that is, or set "
+                    f"--{per_device}."
+                )
+            setattr(args, per_device, getattr(args, total) // shards)
+        setattr(args, total, getattr(args, per_device) * shards)
     return args
+
+
+def lr_schedule_table(args):
+    """The lr of both steps at a few points, for the global batch on one process (`--print_config`)."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    steps_per_epoch = 1  # in "epoch" mode the lr is constant within an epoch
+    if args.cam_lr_schedule == "step":
+        if args.dataset_path != "synthetic":
+            steps_per_epoch = None  # depends on the dataset size
+        else:
+            steps_per_epoch = math.ceil(args.synthetic_num_train / args.total_train_batch_size)
+    table = {"step1_lr_at_epoch_start": None}
+    if steps_per_epoch is not None:
+        optimizer = torch.optim.AdamW([parameter], lr=args.learning_rate)
+        total = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        scheduler = cam_scheduler(args, optimizer, total, steps_per_epoch)
+        epochs = sorted({epoch for epoch in (0, 1, 5, 6, 30, 59) if epoch < args.num_train_epochs})
+        lrs, update = {}, 0
+        for epoch in range(max(epochs) + 1):
+            if epoch in epochs:
+                lrs[str(epoch)] = scheduler.get_last_lr()[0]
+            for _ in range(steps_per_epoch):
+                scheduler.step()
+                update += 1
+        table["step1_lr_at_epoch_start"] = lrs
+    steps = 1000
+    optimizer = torch.optim.SGD(
+        [{"params": [parameter], "lr": args.seg_learning_rate * args.seg_encoder_lr_scale},
+         {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": args.seg_learning_rate}],
+        lr=args.seg_learning_rate, momentum=args.seg_momentum,
+    )  # fmt: skip
+    scheduler = build_scheduler("poly", optimizer, steps, min_learning_rate=args.seg_min_learning_rate)
+    seg = {}
+    for step in range(steps + 1):
+        if step in (0, steps // 2, steps):
+            encoder, decoder = scheduler.get_last_lr()
+            seg[f"{100 * step // steps}%"] = {"decoder": decoder, "encoder": encoder}
+        optimizer.step()
+        scheduler.step()
+    table["step2_lr"] = seg
+    return table
+
+
+def resolved_config(args):
+    """The resolved recipe: every flag's value plus `lr_schedule`, for the global batch on one process."""
+    config = {key: value for key, value in vars(args).items() if key not in ("hub_token", "print_config")}
+    config = json.loads(json.dumps(config, default=list))
+    config["lr_schedule"] = lr_schedule_table(args)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,11 +436,36 @@ def apply_preset(args, parser):
 
 def load_data(args):
     if args.dataset_path == "synthetic":
-        return load_wsss_dataset(
+        dataset = load_wsss_dataset(
             "synthetic", num_classes=args.synthetic_num_classes, image_size=args.synthetic_image_size,
             num_train=args.synthetic_num_train, num_val=args.synthetic_num_val, seed=args.seed,
         )  # fmt: skip
-    return load_wsss_dataset(args.dataset_path)
+    else:
+        path = os.path.expanduser(str(args.dataset_path))
+        coco = os.path.isdir(path) and is_coco_root(path)
+        dataset = load_wsss_dataset(args.dataset_path, **({"id_layout": args.coco_id_layout} if coco else {}))
+    if args.image_labels_file:
+        dataset = with_image_labels_file(dataset, args.image_labels_file)
+    return dataset
+
+
+def with_image_labels_file(dataset, path):
+    """Replace each row's image-level labels by those of a .npy dict {image id: multi-hot vector} (the authors'
+    `voc12/cls_labels.npy` / `coco/cls_labels.npy`, datasets.py:22-31); ids may carry a `.jpg` suffix there."""
+    table = np.load(path, allow_pickle=True).item()
+    table = {str(key).removesuffix(".jpg"): np.asarray(value) for key, value in table.items()}
+    num_classes = len(get_class_names(dataset))
+
+    def relabel(example):
+        vector = table.get(str(example["id"]))
+        if vector is None:
+            raise KeyError(f"--image_labels_file {path} has no labels for image {example['id']!r}.")
+        if vector.shape != (num_classes,):
+            raise ValueError(f"--image_labels_file {path}: image {example['id']!r} has a label vector of shape "
+                             f"{vector.shape}, the dataset has {num_classes} classes (check --coco_id_layout).")  # fmt: skip
+        return {"labels": np.flatnonzero(vector).tolist()}
+
+    return dataset.map(relabel, desc="image-level labels from " + os.path.basename(path))
 
 
 def split(dataset, name):
@@ -281,8 +508,77 @@ def make_loader(dataset, transform, collator, batch_size, seed, num_workers, shu
 
 
 def training_steps(loader, epochs, max_steps, accumulation):
+    """(updates, updates per epoch) of a loader; called on the prepared (sharded) loader, so both count updates of
+    the global batch, the same on any number of processes."""
     steps_per_epoch = math.ceil(len(loader) / accumulation)
     return max_steps or epochs * steps_per_epoch, steps_per_epoch
+
+
+def cam_scheduler(args, optimizer, max_steps, steps_per_epoch):
+    """Step 1's timm cosine schedule (per epoch as the authors, or per update), stepped once per update."""
+    return UpdateStepCosineScheduler(
+        optimizer, num_training_steps=max_steps, steps_per_epoch=steps_per_epoch, num_epochs=args.num_train_epochs,
+        warmup_epochs=args.warmup_epochs, warmup_lr_init=args.warmup_learning_rate, lr_min=args.min_learning_rate,
+        per=args.cam_lr_schedule,
+    )  # fmt: skip
+
+
+def reset_cam_head_to_pytorch_init(model):
+    """PyTorch's default init for the layers an ImageNet checkpoint does not hold (the CAM conv head, the attention
+    fusion), as the authors' models keep them (models.py:24-26, 41; AAF.py:12-22)."""
+    for module in [model.head, *model.adaptive_attention_fusion.modules()]:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.reset_parameters()
+
+
+def read_ids(path):
+    with open(path, encoding="utf-8") as handle:
+        return [line.split()[0] for line in handle if line.strip()]
+
+
+def select_ids(dataset, ids, what):
+    """The rows of `dataset` whose id is in `ids`, in the order of `ids`; a clear error for ids it does not hold."""
+    position = {sample_id: index for index, sample_id in enumerate(dataset["id"])}
+    missing = [sample_id for sample_id in ids if sample_id not in position]
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} of {len(ids)} ids are not in the dataset, e.g. {missing[:3]}.")
+    return dataset.select([position[sample_id] for sample_id in ids])
+
+
+def coco_annotation_order(dataset, split_name):
+    """Image ids of a COCO split in the order of its annotation file (the order of the authors' id lists)."""
+    from weaktr_hf.data.coco import coco_annotation_file
+    from weaktr_hf.data.schema import get_metadata
+
+    root = get_metadata(dataset).get("root")
+    if not root:
+        raise ValueError("--cam_eval_order annotation_file needs a COCO dataset loaded from its folder.")
+    with open(coco_annotation_file(root, split_name), encoding="utf-8") as handle:
+        images = json.load(handle)["images"]
+    known = set(dataset["id"])
+    return [str(image["id"]) for image in images if str(image["id"]) in known]
+
+
+def cam_selection_subset(args, dataset):
+    """The images that pick the best step-1 epoch: VOC `train` (1,464) or the first 1,250 COCO train images in
+    annotation-file order in the paper presets; by default the first `cam_eval_samples` of the training split."""
+    name = args.cam_eval_split or args.train_split
+    images = split(dataset, name)
+    if args.cam_eval_ids:
+        return select_ids(images, read_ids(args.cam_eval_ids), "--cam_eval_ids")
+    if args.cam_eval_order == "annotation_file":
+        ids = coco_annotation_order(images, name)
+        if args.cam_eval_samples is not None:
+            ids = ids[: args.cam_eval_samples]
+        return select_ids(images, ids, "--cam_eval_order annotation_file")
+    count = len(images) if args.cam_eval_samples is None else min(args.cam_eval_samples, len(images))
+    return images.select(range(count))
+
+
+def selection_thresholds(args):
+    if args.cam_selection_thresholds:
+        return tuple(args.cam_selection_thresholds)
+    return tuple(args.cam_sweep_thresholds) if args.cam_threshold == "sweep" else (args.cam_threshold,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,6 +593,8 @@ def cam_stage(args, accelerator, dataset, class_names, results):
         model = WeakTrForCAM.from_pretrained(args.cam_model_name_or_path)
     else:
         model = WeakTrForCAM(model_config(args, foreground_id2label(class_names), args.cam_image_size))
+        if args.cam_head_init == "pytorch":
+            reset_cam_head_to_pytorch_init(model)
         if args.backbone:
             report = load_timm_backbone(model, args.backbone)
             logger.info("Backbone %s: %d tensors loaded, unused %s", args.backbone, len(report.loaded_keys),
@@ -305,17 +603,20 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     transform = CAMTrainTransform(args.cam_image_size, augment=args.cam_augment)
     loader = make_loader(train, transform, CAMCollator(len(class_names)), args.per_device_train_batch_size,
                          args.seed, args.dataloader_num_workers)  # fmt: skip
+    optimizer = build_cam_optimizer(model, args.learning_rate, args.weight_decay,
+                                    decay_all_parameters=args.decay_all_parameters)  # fmt: skip
+    model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
     max_steps, steps_per_epoch = training_steps(
         loader, args.num_train_epochs, args.max_train_steps, args.gradient_accumulation_steps
     )
-    optimizer = build_cam_optimizer(model, args.learning_rate, args.weight_decay)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = build_scheduler("cosine", optimizer, max_steps * accelerator.num_processes,
-                                warmup * accelerator.num_processes)  # fmt: skip
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # Not prepared: one step per update of the global batch on any number of processes.
+    scheduler = cam_scheduler(args, optimizer, max_steps, steps_per_epoch)
+    optimizer = prepared_optimizer
 
-    thresholds = args.cam_sweep_thresholds if args.cam_threshold == "sweep" else (args.cam_threshold,)
-    selection_subset = train.select(range(min(args.cam_eval_samples, len(train))))
+    thresholds = selection_thresholds(args)
+    selection_subset = cam_selection_subset(args, dataset)
+    selection_passes = dict(scales=tuple(args.cam_eval_scales or (1.0,)), flip=args.cam_eval_flip,
+                            early_stop=args.cam_selection_early_stop)  # fmt: skip
     state = TrainState()
 
     candidates = CAM_NAMES if args.pseudo_label_cam == "auto" else (args.pseudo_label_cam,)
@@ -323,7 +624,7 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     def on_epoch_end(epoch, train_state):
         unwrapped = accelerator.unwrap_model(model)
         all_scores = evaluate_cams(unwrapped, selection_subset, cams=candidates, thresholds=thresholds,
-                                   accelerator=accelerator, show_progress=False)  # fmt: skip
+                                   accelerator=accelerator, show_progress=False, **selection_passes)  # fmt: skip
         cam = max(candidates, key=lambda name: all_scores[name]["mean_iou"])
         scores = all_scores[cam]
         accelerator.log({f"cam/selection_miou_{name}": value["mean_iou"] for name, value in all_scores.items()}
@@ -331,7 +632,7 @@ def cam_stage(args, accelerator, dataset, class_names, results):
                         step=train_state.completed_steps)  # fmt: skip
         improved = scores["mean_iou"] > train_state.best_metric
         accelerator.print(f"epoch {epoch}: " + ", ".join(f"{name} {value['mean_iou']:.3f} (t={value['threshold']:.2f})"
-                          for name, value in all_scores.items()) + f" mIoU on {len(selection_subset)} train images"
+                          for name, value in all_scores.items()) + f" mIoU on {len(selection_subset)} images"
                           + (f"; best so far with {cam}, saved" if improved else ""))  # fmt: skip
         if improved:
             train_state.best_metric, train_state.best_epoch = scores["mean_iou"], epoch
@@ -405,7 +706,13 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
                   "pseudo_labels_nocrf": "pseudo_label_miou"}  # fmt: skip
         for name, folder in folders.items():
             results[scored[name]] = evaluate_pseudo_labels(train, folder, len(class_names) + 1)["mean_iou"]
-    subset = train.select(range(min(args.cam_eval_samples, len(train))))
+            # The paper's pseudo-label mIoU is on VOC `train` (1,464 images), a subset of train_aug.
+            if args.pseudo_label_eval_split:
+                images = split(dataset, args.pseudo_label_eval_split)
+                results[f"{scored[name]}_{args.pseudo_label_eval_split}"] = evaluate_pseudo_labels(
+                    images, folder, len(class_names) + 1
+                )["mean_iou"]
+    subset = cam_selection_subset(args, dataset)
     # Each CAM at its own best threshold of the sweep (or at the given threshold), with the generation's scales.
     thresholds = args.cam_sweep_thresholds if args.cam_threshold == "sweep" else [args.cam_threshold]
     scores = evaluate_cams(model, subset, cams=CAM_NAMES, thresholds=thresholds, scales=args.cam_scales,
@@ -427,16 +734,23 @@ def seg_stage(args, accelerator, dataset, class_names, results):
         cam_model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam"))
         load_timm_backbone(model, encoder_state_from_cam(cam_model), strict=False)
     processor = WeakTrImageProcessor(size={"height": args.seg_image_size, "width": args.seg_image_size},
-                                     size_divisor=args.patch_size)  # fmt: skip
-    transform = SegmentationTrainTransform(crop_size=args.seg_crop_size, base_size=args.seg_base_size)
+                                     size_divisor=args.patch_size, image_mean=list(args.seg_image_mean),
+                                     image_std=list(args.seg_image_std))  # fmt: skip
+    transform = SegmentationTrainTransform(
+        crop_size=args.seg_crop_size, base_size=args.seg_base_size, max_ratio=args.seg_max_ratio,
+        antialias=args.seg_antialias, mean=args.seg_image_mean, std=args.seg_image_std,
+    )  # fmt: skip
     loader = make_loader(train, transform, SegmentationCollator(), args.seg_per_device_train_batch_size,
                          args.seed, args.dataloader_num_workers)  # fmt: skip
+    optimizer = build_seg_optimizer(model, args.seg_learning_rate, args.seg_encoder_lr_scale,
+                                    momentum=args.seg_momentum, nesterov=args.seg_nesterov)  # fmt: skip
+    model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
     max_steps, _ = training_steps(
         loader, args.seg_num_train_epochs, args.seg_max_train_steps, args.gradient_accumulation_steps
     )
-    optimizer = build_seg_optimizer(model, args.seg_learning_rate, args.seg_encoder_lr_scale)
-    scheduler = build_scheduler("poly", optimizer, max_steps * accelerator.num_processes)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # Not prepared: one step per update of the global batch on any number of processes.
+    scheduler = build_scheduler("poly", optimizer, max_steps, min_learning_rate=args.seg_min_learning_rate)
+    optimizer = prepared_optimizer
     start = time.time()
     train_model(
         accelerator, model, optimizer, scheduler, loader, max_train_steps=max_steps,
@@ -451,8 +765,11 @@ def seg_stage(args, accelerator, dataset, class_names, results):
 
 
 def eval_stage(args, accelerator, dataset, class_names, results):
-    """Segmentation mIoU on the validation split, single scale and multi-scale + flip; PNGs of a few images."""
+    """Segmentation mIoU on the validation split: single scale, multi-scale + flip, and with the dense CRF when
+    `--eval_crf` is set; PNGs of a few images."""
     val = split(dataset, args.val_split)
+    if args.eval_ids:
+        val = select_ids(val, read_ids(args.eval_ids), "--eval_ids")
     model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).to(accelerator.device)
     figures = os.path.join(args.output_dir, "figures")
     os.makedirs(figures, exist_ok=True)
@@ -463,17 +780,25 @@ def eval_stage(args, accelerator, dataset, class_names, results):
                                  titles=["image", "prediction", "ground truth"])  # fmt: skip
             panel.save(os.path.join(figures, f"prediction_{example['id']}.png"))
 
+    processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
+                                     image_std=list(args.seg_image_std))  # fmt: skip
     common = dict(window_size=args.window_size, window_stride=args.window_stride, accelerator=accelerator,
-                  max_samples=args.eval_samples)  # fmt: skip
+                  max_samples=args.eval_samples, base_size=args.eval_base_size, min_size=args.eval_min_size,
+                  aux_weight=args.eval_aux_weight,
+                  image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0])  # fmt: skip
+    crf = EVAL_CRF_PRESETS[args.eval_crf] if args.eval_crf else None
     single = evaluate_segmentation(model, val, scales=(1.0,), flip=False, **common)
     multi = evaluate_segmentation(model, val, scales=args.eval_scales, flip=True, on_prediction=save_prediction,
-                                  **common)  # fmt: skip
+                                  crf=crf, **common)  # fmt: skip
+    final = multi["crf"] if crf is not None else multi
     results.update(
         seg_val_miou=single["mean_iou"], seg_val_miou_ms_flip=multi["mean_iou"],
         seg_val_pixel_accuracy=single["overall_accuracy"],
         seg_val_per_class_iou={name: _float(iou) for name, iou in zip(["background", *class_names],
-                                                                         multi["per_category_iou"])},
+                                                                         final["per_category_iou"])},
     )  # fmt: skip
+    if crf is not None:
+        results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
     if accelerator.is_main_process:
         save_cam_overlays(args, split(dataset, args.train_split), figures)
 
@@ -513,8 +838,11 @@ TABLE_ROWS = (
     ("cross-attention CAM (train subset)", "cross_attention_miou"),
     ("pseudo-labels, no CRF (train)", "pseudo_label_miou"),
     ("pseudo-labels, CRF (train)", "pseudo_label_crf_miou"),
+    ("pseudo-labels, no CRF (VOC train)", "pseudo_label_miou_train"),
+    ("pseudo-labels, CRF (VOC train)", "pseudo_label_crf_miou_train"),
     ("segmentation, single scale (val)", "seg_val_miou"),
     ("segmentation, multi-scale + flip (val)", "seg_val_miou_ms_flip"),
+    ("segmentation, multi-scale + flip + CRF (val)", "seg_val_miou_ms_flip_crf"),
 )
 
 
@@ -544,6 +872,9 @@ def write_model_card(folder, repo_id, results, command, dataset_name):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(resolved_config(resolve_batch_sizes(args, 1)), indent=2))
+        return None
     # Several processes but no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU machine): Accelerate
     # only sets up CPU (gloo) process groups when told to use the CPU.
     distributed_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -555,6 +886,9 @@ def main(argv=None):
     )  # fmt: skip
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
+    resolve_batch_sizes(args, accelerator.num_processes)
+    accelerator.print(f"Global batch {args.total_train_batch_size} (step 1), {args.seg_total_train_batch_size} "
+                      f"(step 2) over {accelerator.num_processes} process(es)")  # fmt: skip
     if args.preset == "demo" and args.dataset_path == "synthetic":
         accelerator.print("weaktr demo: offline run on the built-in synthetic dataset with a small ViT trained from "
                           "scratch (no ImageNet weights); a smoke test of the whole recipe, not the paper's setting.")  # fmt: skip

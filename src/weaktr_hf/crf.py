@@ -38,7 +38,8 @@ COCO_PSEUDO_LABEL_CRF = MappingProxyType(
         "iterations": 10,
     }
 )
-# The optional step-2 inference CRF on softmax probabilities (their `crf_inference_voc12`).
+# The step-2 evaluation CRF on softmax probabilities: VOC (their `crf_inference_voc12`,
+# OnlineRetraining/segm/eval/densecrf.py:4-37) and COCO (`crf_inference_coco`, densecrf.py:40-70).
 SEGMENTATION_CRF = MappingProxyType(
     {
         "gaussian_sxy": 3,
@@ -46,6 +47,17 @@ SEGMENTATION_CRF = MappingProxyType(
         "bilateral_sxy": 83,
         "bilateral_srgb": 5,
         "bilateral_compat": 3,
+        "iterations": 10,
+    }
+)
+
+COCO_SEGMENTATION_CRF = MappingProxyType(
+    {
+        "gaussian_sxy": 1,
+        "gaussian_compat": 3,
+        "bilateral_sxy": 67,
+        "bilateral_srgb": 3,
+        "bilateral_compat": 4,
         "iterations": 10,
     }
 )
@@ -185,3 +197,23 @@ def crf_refine_probs(
     unary = densecrf_utils.unary_from_softmax(probs)
     pairwise = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat, iterations)
     return _run_crf(image, unary, probs.shape[0], *pairwise)
+
+
+def crf_refine_present_classes(image, probs, **crf_parameters):
+    """The authors' step-2 evaluation CRF (OnlineRetraining/segm/eval/miou.py:87-96, make_crf.py:141-163): keep only
+    the classes that win somewhere in `probs.argmax(0)`, refine their probabilities with `crf_refine_probs`, and map
+    the CRF's argmax back to class ids.
+
+    `probs` (num_labels, height, width) are used as given (no renormalisation over the kept classes, as theirs).
+    Returns an int64 (height, width) label map.
+    """
+    if hasattr(probs, "detach"):  # torch tensor
+        probs = probs.detach().float().cpu().numpy()
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must have shape (num_labels, height, width), got {probs.shape}.")
+    keys = np.unique(probs.argmax(axis=0))
+    if len(keys) == 1:  # one class wins everywhere: a one-label CRF changes nothing
+        return np.full(probs.shape[1:], keys[0], dtype=np.int64)
+    refined = crf_refine_probs(image, probs[keys], **crf_parameters)
+    return keys[refined.argmax(axis=0)].astype(np.int64)

@@ -53,12 +53,15 @@ def evaluate_cams(
     accelerator=None,
     max_samples=None,
     show_progress=True,
+    early_stop=False,
 ):
     """
     Score thresholded CAMs of a `WeakTrForCAM` against the dataset's masks (background included in the mIoU).
 
     Returns `{cam: {"mean_iou": best, "threshold": best_threshold, "per_threshold": {t: miou}}}` for each name in
-    `cams` (`"coarse_cam"`, `"fine_cam"`, `"cross_attention"`).
+    `cams` (`"coarse_cam"`, `"fine_cam"`, `"cross_attention"`). With `early_stop`, the best is taken as the authors'
+    sweep does (hustvl/WeakTr evaluation.py:258-267): thresholds in the given order, stopping at the first one that
+    does not improve on the previous best.
     """
     transform = image_transform or _default_image_transform()
     num_labels = model.config.num_labels + 1
@@ -77,13 +80,23 @@ def evaluate_cams(
     results = {}
     for cam in cams:
         scores = [m.compute()["mean_iou"] for m in _sum_across_processes(matrices[cam], accelerator)]
-        best = int(np.nanargmax(scores))
+        best = _early_stopped_best(scores) if early_stop else int(np.nanargmax(scores))
         results[cam] = {
             "mean_iou": float(scores[best]),
             "threshold": float(thresholds[best]),
             "per_threshold": {float(t): float(s) for t, s in zip(thresholds, scores)},
         }
     return results
+
+
+def _early_stopped_best(scores):
+    """Index of the best score when sweeping in order and stopping at the first score that does not improve."""
+    best, best_score = 0, -np.inf
+    for index, score in enumerate(scores):
+        if not score > best_score:
+            break
+        best, best_score = index, score
+    return best
 
 
 def evaluate_segmentation(
@@ -99,17 +112,25 @@ def evaluate_segmentation(
     max_samples=None,
     show_progress=True,
     on_prediction=None,
+    base_size=None,
+    min_size=None,
+    aux_weight=0.0,
 ):
     """
     Score a `WeakTrForSemanticSegmentation` on the dataset's masks: softmax probabilities from `segment` (sliding
-    window, `scales`, `flip`), optionally refined by the dense CRF (`crf`: keyword arguments of
-    `weaktr_hf.crf.crf_refine_probs`), then argmax.
+    window, `scales`, `flip`, `base_size`, `min_size`, `aux_weight`), then argmax.
 
-    Returns the metric dict of `ConfusionMatrix.compute()` (`mean_iou`, `per_category_iou`, `overall_accuracy`, ...).
-    `on_prediction(index, example, prediction)` is called for each scored sample (e.g. to save a few PNGs).
+    With `crf` (keyword arguments of `weaktr_hf.crf.crf_refine_probs`, e.g. `SEGMENTATION_CRF`) the prediction is
+    also refined as the authors' evaluation does (`crf_refine_present_classes`: only the classes of the argmax map,
+    on their unnormalised ensemble `aux_weight x P1 + P2`), and both scores are returned.
+
+    Returns the metric dict of `ConfusionMatrix.compute()` (`mean_iou`, `per_category_iou`, `overall_accuracy`, ...)
+    of the plain prediction; with `crf` it also holds `"crf"`: the same dict for the CRF-refined prediction.
+    `on_prediction(index, example, prediction)` is called for each scored sample (e.g. to save a few PNGs) with the
+    final (CRF-refined when `crf` is given) prediction.
     """
     transform = image_transform or _default_image_transform()
-    matrix = ConfusionMatrix(model.config.num_labels)
+    matrices = [ConfusionMatrix(model.config.num_labels) for _ in range(2 if crf is not None else 1)]
     device = next(model.parameters()).device
     indices = _shard(dataset, accelerator, max_samples)
     main = accelerator is None or accelerator.is_local_main_process
@@ -117,18 +138,25 @@ def evaluate_segmentation(
         example = dataset[index]
         reference = _reference(example)
         pixel_values = transform(example["image"]).unsqueeze(0).to(device)
-        probabilities = segment(model, pixel_values, window_size, window_stride, scales=scales, flip=flip)[0]
-        if crf is not None:
-            from .crf import crf_refine_probs
-
-            probabilities = torch.from_numpy(
-                crf_refine_probs(_uint8_image(example["image"]), probabilities.float().cpu().numpy(), **crf)
-            )
+        probabilities = segment(
+            model, pixel_values, window_size, window_stride, scales=scales, flip=flip, base_size=base_size,
+            min_size=min_size, aux_weight=aux_weight,
+        )[0]  # fmt: skip
         prediction = probabilities.argmax(0).cpu().numpy()
-        matrix.update(prediction, reference)
+        matrices[0].update(prediction, reference)
+        if crf is not None:
+            from .crf import crf_refine_present_classes
+
+            # The authors' CRF sees aux_weight x P1 + P2 unnormalised (its unary clips probabilities at 1).
+            ensemble = probabilities.float().cpu().numpy() * (1.0 + aux_weight)
+            prediction = crf_refine_present_classes(_uint8_image(example["image"]), ensemble, **crf)
+            matrices[1].update(prediction, reference)
         if on_prediction is not None:
             on_prediction(index, example, prediction)
-    return _sum_across_processes([matrix], accelerator)[0].compute()
+    results = [matrix.compute() for matrix in _sum_across_processes(matrices, accelerator)]
+    if crf is not None:
+        results[0]["crf"] = results[1]
+    return results[0]
 
 
 __all__ = ["evaluate_cams", "evaluate_segmentation"]

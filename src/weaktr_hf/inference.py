@@ -59,12 +59,13 @@ def _window_starts(length, window, stride):
     return list(range(0, length - window, stride)) + [length - window]
 
 
-def _sliding_window_logits(model, pixel_values, window_size, window_stride, batch_size):
+def _sliding_window_logits(model, pixel_values, window_size, window_stride, batch_size, aux=False):
     """Logits (B, num_labels, H, W) at pixel resolution, averaged over the windows covering each pixel.
 
     Windows are `window_size` squares, clipped to the image on a side shorter than the window (the model pads what
     is not a multiple of its patch size). Like the authors' sliding-window inference, logits (not probabilities)
-    are averaged where windows overlap.
+    are averaged where windows overlap. With `aux`, returns `(logits, aux_logits)`, the second decoded before the
+    last decoder block (`output_aux_logits`).
     """
     batch, _, height, width = pixel_values.shape
     crop = (min(window_size, height), min(window_size, width))
@@ -83,25 +84,77 @@ def _sliding_window_logits(model, pixel_values, window_size, window_stride, batc
         crops = torch.stack(
             [pixel_values[index, :, top : top + crop[0], left : left + crop[1]] for top, left, index in chunk]
         )
-        logits = upsample_logits(model(pixel_values=crops).logits.float(), crop, patch_size)
+        outputs = model(pixel_values=crops, output_aux_logits=True) if aux else model(pixel_values=crops)
+        heads = (outputs.logits, outputs.aux_logits) if aux else (outputs.logits,)
+        heads = [upsample_logits(head.float(), crop, patch_size) for head in heads]
         if merged is None:
-            merged = logits.new_zeros(batch, logits.shape[1], height, width)
-        for (top, left, index), window_logits in zip(chunk, logits):
-            merged[index, :, top : top + crop[0], left : left + crop[1]] += window_logits
+            merged = [head.new_zeros(batch, head.shape[1], height, width) for head in heads]
+        for total, head in zip(merged, heads):
+            for (top, left, index), window_logits in zip(chunk, head):
+                total[index, :, top : top + crop[0], left : left + crop[1]] += window_logits
     for top, left in anchors:
         count[..., top : top + crop[0], left : left + crop[1]] += 1
-    return merged / count
+    merged = [total / count for total in merged]
+    return tuple(merged) if aux else merged[0]
 
 
-def segment(model, pixel_values, window_size=480, window_stride=320, scales=(1.0,), flip=False, batch_size=4):
+# The authors' evaluation caps the long side at 8 x the short side (img_scale (8 x 520, 520), OnlineRetraining/segm/
+# data/base.py:58 with max_ratio 8, data/config/pascal_voc.py:10).
+EVAL_MAX_RATIO = 8
+
+
+def segment_pass_size(size, scale, base_size=None, min_size=None):
+    """
+    (height, width) of one evaluation pass of an image of `size` (height, width) at `scale`.
+
+    - Without `base_size`: each side is `round(side * scale)`.
+    - With `base_size` (the authors' 520): as mmseg's keep-ratio resize to img_scale (8 x base, base) x scale: the
+      short side becomes `int(base_size * scale)` (the long side at most 8x that), each side `int(side * f + 0.5)`.
+    - With `min_size` (the authors' 480, their window size): a pass whose short side is below it is then resized so
+      the short side is `min_size` and the long side `int(long / short * min_size)` (OnlineRetraining/segm/model/
+      utils.py:106-118).
+
+    For a 500 x 375 image with base 520, min 480 and scales 0.5 ... 1.75, the short sides are 480, 480, 520, 650,
+    780, 910.
+
+    Returns the sizes of the two resizes, `(first, second)`; `second` is None when no upsampling to `min_size` is
+    needed.
+    """
+    height, width = size
+    if base_size is None:
+        first = (max(1, round(height * scale)), max(1, round(width * scale)))
+    else:
+        short, long = int(base_size * scale), int(EVAL_MAX_RATIO * base_size * scale)
+        factor = min(short / min(height, width), long / max(height, width))
+        first = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
+    second = None
+    if min_size is not None and min(first) < min_size:
+        h, w = first
+        second = (min_size, int(w / h * min_size)) if h < w else (int(h / w * min_size), min_size)
+    return first, second
+
+
+def segment(
+    model,
+    pixel_values,
+    window_size=480,
+    window_stride=320,
+    scales=(1.0,),
+    flip=False,
+    batch_size=4,
+    base_size=None,
+    min_size=None,
+    aux_weight=0.0,
+):
     """
     Class probabilities of a [`WeakTrForSemanticSegmentation`] at the input size, for full-resolution evaluation.
 
-    For each scale the input is resized bilinearly to `round(H * scale), round(W * scale)` and covered by
-    `window_size` windows every `window_stride` pixels (the last window flush with the border; a side shorter than the
-    window is taken whole). Window logits are upsampled to pixels (`upsample_logits`) and averaged where windows
-    overlap, resized back to (H, W) bilinearly and turned into softmax probabilities; with `flip` each scale is also
-    run on the mirrored input (mirrored back). The probabilities of all passes are averaged.
+    For each scale the input is resized bilinearly (`segment_pass_size`: `round(H * scale), round(W * scale)`, or
+    with `base_size` / `min_size` the authors' evaluation geometry) and covered by `window_size` windows every
+    `window_stride` pixels (the last window flush with the border; a side shorter than the window is taken whole).
+    Window logits are upsampled to pixels (`upsample_logits`) and averaged where windows overlap, resized back to
+    (H, W) bilinearly and turned into softmax probabilities; with `flip` each scale is also run on the mirrored input
+    (mirrored back). The probabilities of all passes are averaged.
 
     Args:
         model: a `WeakTrForSemanticSegmentation`; run in eval mode without gradients, its mode restored afterwards.
@@ -110,6 +163,11 @@ def segment(model, pixel_values, window_size=480, window_stride=320, scales=(1.0
         scales (`tuple[float]`): resize factors of the passes.
         flip (`bool`): also run every scale on the horizontally flipped input.
         batch_size (`int`): window crops per forward pass.
+        base_size (`int`, *optional*): resize the short side to `base_size` x scale first (the authors' 520).
+        min_size (`int`, *optional*): upsample passes whose short side is below it (the authors' 480).
+        aux_weight (`float`): the authors' decoder ensemble (`--backbone multi --weight 0.8`): each pass gives
+            `aux_weight` x P(decoded before the last decoder block) + P(final); divided by `1 + aux_weight` here so
+            the result still sums to 1 (same argmax).
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`: probabilities summing to 1 per pixel,
@@ -120,32 +178,41 @@ def segment(model, pixel_values, window_size=480, window_stride=320, scales=(1.0
     for name, value in (("window_size", window_size), ("window_stride", window_stride), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    for name, value in (("base_size", base_size), ("min_size", min_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
+    if not aux_weight >= 0:
+        raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}.")
     if window_stride > window_size:
         raise ValueError(
             f"window_stride ({window_stride}) is larger than window_size ({window_size}), which would leave pixels "
             "that no window covers; use a stride at most the window size."
         )
     height, width = pixel_values.shape[-2:]
+    aux = aux_weight > 0
     with _eval_mode(model):
         pixel_values = pixel_values.to(_model_device(model))
         total = None
         num_passes = 0
         for scale in scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
             scaled = pixel_values
-            if size != (height, width):
-                scaled = F.interpolate(pixel_values.float(), size=size, mode="bilinear", align_corners=False)
+            for size in segment_pass_size((height, width), scale, base_size, min_size):
+                if size is not None and size != tuple(scaled.shape[-2:]):
+                    scaled = F.interpolate(scaled.float(), size=size, mode="bilinear", align_corners=False)
             for flipped in (False, True) if flip else (False,):
                 inputs = scaled.flip(-1) if flipped else scaled
-                logits = _sliding_window_logits(model, inputs, window_size, window_stride, batch_size)
-                if flipped:
-                    logits = logits.flip(-1)
-                if size != (height, width):
-                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-                probabilities = logits.softmax(dim=1)
+                heads = _sliding_window_logits(model, inputs, window_size, window_stride, batch_size, aux=aux)
+                probabilities = None
+                for weight, logits in zip((1.0, aux_weight), heads if aux else (heads,)):
+                    if flipped:
+                        logits = logits.flip(-1)
+                    if logits.shape[-2:] != (height, width):
+                        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                    term = weight * logits.softmax(dim=1)
+                    probabilities = term if probabilities is None else probabilities + term
                 total = probabilities if total is None else total + probabilities
                 num_passes += 1
-    return total / num_passes
+    return total / (num_passes * (1.0 + aux_weight))
 
 
 def _present_classes(labels, batch_size, num_classes, device):
@@ -239,4 +306,4 @@ def cams_to_labels(cams, labels, threshold):
     return cams_to_label_map(cams, present, float(threshold)).to(torch.int64)
 
 
-__all__ = ["cams_to_labels", "generate_cams", "scaled_input_size", "segment"]
+__all__ = ["cams_to_labels", "generate_cams", "scaled_input_size", "segment", "segment_pass_size"]

@@ -55,6 +55,19 @@ class WeakTrModelOutput(ModelOutput):
 
 
 @dataclass
+class WeakTrSemanticSegmenterOutput(SemanticSegmenterOutput):
+    """
+    [`SemanticSegmenterOutput`] of [`WeakTrForSemanticSegmentation`], plus:
+
+    Args:
+        aux_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, rows, cols)`, *optional*, returned when
+            `output_aux_logits=True`): the tokens before the last decoder block decoded by the same head.
+    """
+
+    aux_logits: torch.FloatTensor | None = None
+
+
+@dataclass
 class WeakTrCAMOutput(ModelOutput):
     """
     Output of [`WeakTrForCAM`]. `C` is `config.num_labels` (foreground classes), `h, w = height // patch_size,
@@ -596,20 +609,32 @@ class WeakTrMaskTransformerDecoder(nn.Module):
         self.proj_classes = nn.Parameter(torch.zeros(width, width))
         self.mask_norm = nn.LayerNorm(config.num_labels, eps=config.decoder_layer_norm_eps)
 
-    def forward(self, patch_tokens, grid, output_attentions=False):
-        """`(B, rows * cols, hidden_size)` patch tokens -> `(B, num_labels, rows, cols)` logits."""
+    def forward(self, patch_tokens, grid, output_attentions=False, output_aux_logits=False):
+        """`(B, rows * cols, hidden_size)` patch tokens -> `(B, num_labels, rows, cols)` logits.
+
+        With `output_aux_logits`, the tokens before the last block also go through the same head (norm, projections,
+        mask norm), as the authors' `MultiMaskTransformer` (OnlineRetraining/segm/model/decoder.py:175-191); they are
+        returned as a third element (None otherwise).
+        """
         hidden_states = self.proj_dec(patch_tokens)
         hidden_states = torch.cat([hidden_states, self.cls_emb.expand(hidden_states.shape[0], -1, -1)], dim=1)
         attentions = ()
-        for block in self.blocks:
+        aux_logits = None
+        for index, block in enumerate(self.blocks):
+            if output_aux_logits and index == len(self.blocks) - 1:
+                aux_logits = self.masks(hidden_states, grid)
             hidden_states, attn_probs, _ = block(hidden_states, output_attentions=output_attentions)
             attentions += (attn_probs,)
+        return self.masks(hidden_states, grid), attentions, aux_logits
+
+    def masks(self, hidden_states, grid):
+        """The head: decoder tokens `(B, rows * cols + num_labels, width)` -> `(B, num_labels, rows, cols)` logits."""
         hidden_states = self.decoder_norm(hidden_states)
         patches = hidden_states[:, : -self.num_labels] @ self.proj_patch
         classes = hidden_states[:, -self.num_labels :] @ self.proj_classes
         masks = F.normalize(patches, dim=-1) @ F.normalize(classes, dim=-1).transpose(1, 2)
         masks = self.mask_norm(masks)
-        return masks.transpose(1, 2).reshape(masks.shape[0], self.num_labels, *grid), attentions
+        return masks.transpose(1, 2).reshape(masks.shape[0], self.num_labels, *grid)
 
 
 def padded_length(length, patch_size):
@@ -702,11 +727,15 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_aux_logits: bool = False,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Per-pixel class ids in `[0, num_labels)`, or `config.semantic_loss_ignore_index` to ignore a pixel.
+        output_aux_logits (`bool`, *optional*, defaults to `False`):
+            Also return `aux_logits`: the tokens before the last decoder block decoded by the same head (shape and
+            resolution of `logits`). The authors' evaluation adds 0.8 x their softmax to that of `logits`.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -724,9 +753,10 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits, decoder_attentions = self.decoder(
-            outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions
-        )
+        logits, decoder_attentions, aux_logits = self.decoder(
+            outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions,
+            output_aux_logits=output_aux_logits,
+        )  # fmt: skip
 
         loss = None
         if labels is not None:
@@ -734,8 +764,8 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             loss = semantic_segmentation_loss(upsample_logits(logits, (height, width), patch_size), labels, self.config)
 
         attentions = outputs.attentions + decoder_attentions if output_attentions else None
-        output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=attentions
+        output = WeakTrSemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=attentions, aux_logits=aux_logits
         )
         return output if return_dict else output.to_tuple()
 
@@ -764,6 +794,7 @@ __all__ = [
     "WeakTrModel",
     "WeakTrModelOutput",
     "WeakTrPreTrainedModel",
+    "WeakTrSemanticSegmenterOutput",
     "clip_pixel_losses",
     "resize_position_embeddings",
     "semantic_segmentation_loss",

@@ -32,8 +32,17 @@ def _no_weight_decay(name, parameter):
     return parameter.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "cls_emb"))
 
 
-def build_cam_optimizer(model, learning_rate, weight_decay=0.03, betas=(0.9, 0.999)):
-    """Step 1: AdamW (paper: lr 6e-4 x batch / 512, weight decay 0.03), no decay on 1-d parameters and tokens."""
+def build_cam_optimizer(model, learning_rate, weight_decay=0.03, betas=(0.9, 0.999), decay_all_parameters=False):
+    """
+    Step 1: AdamW (paper: lr 6e-4 x batch / 512, weight decay 0.03).
+
+    By default 1-d parameters and tokens are not decayed. `decay_all_parameters=True` decays every parameter, as the
+    authors' `create_optimizer(args, model.parameters())` does: timm applies its bias/norm filter only when given the
+    module (hustvl/WeakTr main.py:360).
+    """
+    if decay_all_parameters:
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -42,8 +51,14 @@ def build_cam_optimizer(model, learning_rate, weight_decay=0.03, betas=(0.9, 0.9
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
 
-def build_seg_optimizer(model, learning_rate, encoder_lr_scale=0.1, momentum=0.9, weight_decay=0.0):
-    """Step 2: SGD with momentum (paper: lr 1e-4, momentum 0.9, no weight decay); the encoder at `encoder_lr_scale`."""
+def build_seg_optimizer(
+    model, learning_rate, encoder_lr_scale=0.1, momentum=0.9, weight_decay=0.0, nesterov=False
+):
+    """Step 2: SGD with momentum (paper: lr 1e-4, momentum 0.9, no weight decay); the encoder at `encoder_lr_scale`.
+
+    The authors' `--optimizer sgd` is SGD with Nesterov momentum (OnlineRetraining/segm/optim/optim_factory.py:134-136):
+    pass `nesterov=True` to match it.
+    """
     encoder, decoder = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -52,20 +67,86 @@ def build_seg_optimizer(model, learning_rate, encoder_lr_scale=0.1, momentum=0.9
         {"params": encoder, "lr": learning_rate * encoder_lr_scale},
         {"params": decoder, "lr": learning_rate},
     ]
-    return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
-def build_scheduler(name, optimizer, num_training_steps, num_warmup_steps=0):
-    """`"cosine"` (step 1: cosine with warm-up) or `"poly"` (step 2: polynomial decay, power 0.9), per update step."""
+def build_scheduler(name, optimizer, num_training_steps, num_warmup_steps=0, min_learning_rate=0.0):
+    """
+    `"cosine"` (cosine with linear warm-up from 0, to 0), `"poly"` (polynomial decay, power 0.9, down to
+    `min_learning_rate`) or `"constant"`, per update step.
+
+    `"poly"` with `min_learning_rate` is the authors' step-2 schedule (OnlineRetraining/segm/optim/scheduler.py:24-31):
+    lr = (base - min) (1 - t / T)^0.9 + min for the optimizer's default lr; every group is scaled by the same factor,
+    so a group at 0.1 x base lr (the encoder) ends at 0.1 x min, as their per-iteration `lr_scale` does.
+    """
     if name == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
     if name == "poly":
         return get_polynomial_decay_schedule_with_warmup(
-            optimizer, num_warmup_steps, num_training_steps, lr_end=0.0, power=0.9
+            optimizer, num_warmup_steps, num_training_steps, lr_end=min_learning_rate, power=0.9
         )
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"Unknown lr schedule {name!r}: use 'cosine', 'poly' or 'constant'.")
+
+
+class UpdateStepCosineScheduler:
+    """
+    timm's `CosineLRScheduler` driven by optimizer updates: `step()` is called once per update of the global batch.
+
+    - `per="epoch"` (the authors' step 1, hustvl/WeakTr main.py:363, 399): the lr changes only at epoch ends, where
+      `scheduler.step(epoch)` is called with the index of the epoch that just finished, so epoch e trains at
+      lr(max(e - 1, 0)) of a schedule with `t_initial=num_epochs`, `warmup_t=warmup_epochs` and no warm-up prefix.
+    - `per="step"`: the lr changes every update; the cosine runs after the warm-up (`warmup_prefix=True`) over the
+      remaining updates. With `warmup_lr_init=0` and `lr_min=0` this is transformers' cosine-with-warm-up.
+
+    State (`state_dict` / `load_state_dict`) is the update count and timm's own state, so it resumes exactly.
+    """
+
+    def __init__(self, optimizer, *, num_training_steps, steps_per_epoch, num_epochs, warmup_epochs=0.0,
+                 warmup_lr_init=0.0, lr_min=0.0, per="epoch"):  # fmt: skip
+        from timm.scheduler import CosineLRScheduler
+
+        if per not in ("epoch", "step"):
+            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}.")
+        self.optimizer = optimizer
+        self.per = per
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.num_updates = 0
+        if per == "epoch":
+            self.scheduler = CosineLRScheduler(
+                optimizer, t_initial=num_epochs, lr_min=lr_min, warmup_t=int(warmup_epochs),
+                warmup_lr_init=warmup_lr_init, cycle_limit=1, t_in_epochs=True,
+            )  # fmt: skip
+        else:
+            warmup = min(int(warmup_epochs * self.steps_per_epoch), max(num_training_steps - 1, 0))
+            self.scheduler = CosineLRScheduler(
+                optimizer, t_initial=max(num_training_steps - warmup, 1), lr_min=lr_min, warmup_t=warmup,
+                warmup_lr_init=warmup_lr_init, warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
+            )  # fmt: skip
+
+    def step(self):
+        self.num_updates += 1
+        if self.per == "step":
+            self.scheduler.step_update(self.num_updates)
+        elif self.num_updates % self.steps_per_epoch == 0:
+            self.scheduler.step(self.num_updates // self.steps_per_epoch - 1)
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"num_updates": self.num_updates, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.num_updates = state["num_updates"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        # timm restores its bookkeeping only; put the lr of the restored position back into the optimizer.
+        if self.per == "step":
+            if self.num_updates:
+                self.scheduler.step_update(self.num_updates)
+        elif self.num_updates >= self.steps_per_epoch:
+            self.scheduler.step(self.num_updates // self.steps_per_epoch - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,8 +321,10 @@ def train_model(
     logging_steps=10,
 ):
     """
-    Train `model` (already `accelerator.prepare`d with its optimiser, scheduler and dataloader) for
-    `max_train_steps` optimiser updates.
+    Train `model` (already `accelerator.prepare`d with its optimiser and dataloader) for `max_train_steps` optimiser
+    updates. `lr_scheduler.step()` is called once per update. A scheduler left out of `accelerator.prepare` thus
+    counts updates of the global batch, the same on any number of processes (a prepared one is stepped once per
+    process instead), and is registered for checkpointing here.
 
     - `checkpointing_steps`: an int N (every N updates), `"epoch"`, or None; a final checkpoint is always written.
     - `resume_from_checkpoint`: `"latest"` or a checkpoint folder; restores model, optimiser, scheduler, RNG states
@@ -258,6 +341,11 @@ def train_model(
     train_state = train_state if train_state is not None else TrainState()
     if not any(obj is train_state for obj in accelerator._custom_objects):
         accelerator.register_for_checkpointing(train_state)
+    # A scheduler that did not go through `accelerator.prepare` counts updates of the global batch (one `step()` per
+    # update whatever the number of processes); checkpoints must carry it too.
+    prepared = any(lr_scheduler is scheduler for scheduler in accelerator._schedulers)
+    if not prepared and not any(obj is lr_scheduler for obj in accelerator._custom_objects):
+        accelerator.register_for_checkpointing(lr_scheduler)
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
 
@@ -295,10 +383,11 @@ def train_model(
                     )
                 accelerator.backward(loss)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            # Once per optimizer update (an `accelerator.prepare`d scheduler also skips accumulation micro-steps).
+            lr_scheduler.step()
             train_state.completed_steps += 1
             train_state.epoch_steps += 1
             progress.update(1)
@@ -335,6 +424,7 @@ def release_training_state(accelerator):
 __all__ = [
     "SeededTransformDataset",
     "TrainState",
+    "UpdateStepCosineScheduler",
     "build_cam_optimizer",
     "build_scheduler",
     "build_seg_optimizer",

@@ -171,11 +171,11 @@ def cat_max_ratio_crop(mask, crop_size, cat_max_ratio=0.75, max_tries=10, ignore
 class SegmentationTrainTransform:
     """Step-2 training augmentation of image and mask together (the authors' mmseg recipe).
 
-    Random rescale so the shorter side is `base_size` x a ratio in `scale_range` (the longer side capped at 4x
-    `base_size` x ratio, like mmseg's (2048, 512) scale), random crop of `crop_size` in which no class covers more
+    Random rescale so the shorter side is `base_size` x a ratio in `scale_range` (the longer side capped at
+    `max_ratio` x `base_size` x ratio: 4 is mmseg's (2048, 512) scale, the authors' step 2 uses 8), random crop of `crop_size` in which no class covers more
     than `cat_max_ratio` (up to `crop_max_tries` tries), horizontal flip, photometric distortion, normalisation, then
     padding to `crop_size` (image 0, mask `ignore_index`). `mask_key` names the column with the training labels
-    (e.g. pseudo-labels put in `semantic_mask`).
+    (e.g. pseudo-labels put in `semantic_mask`). `antialias=False` resizes like mmseg's cv2 bilinear (no antialiasing).
     """
 
     def __init__(
@@ -183,6 +183,8 @@ class SegmentationTrainTransform:
         crop_size=480,
         base_size=512,
         scale_range=(0.5, 2.0),
+        max_ratio=4,
+        antialias=True,
         cat_max_ratio=0.75,
         crop_max_tries=10,
         flip_prob=0.5,
@@ -195,6 +197,8 @@ class SegmentationTrainTransform:
         self.crop_size = _pair(crop_size)
         self.base_size = base_size
         self.scale_range = tuple(scale_range)
+        self.max_ratio = max_ratio
+        self.antialias = antialias
         self.cat_max_ratio = cat_max_ratio
         self.crop_max_tries = crop_max_tries
         self.flip_prob = flip_prob
@@ -206,9 +210,11 @@ class SegmentationTrainTransform:
     def _rescale(self, image, mask):
         height, width = image.shape[-2:]
         ratio = random.uniform(*self.scale_range)
-        scale = min(self.base_size * ratio / min(height, width), 4 * self.base_size * ratio / max(height, width))
+        scale = min(
+            self.base_size * ratio / min(height, width), self.max_ratio * self.base_size * ratio / max(height, width)
+        )
         size = [max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))]
-        return F.resize(image, size, antialias=True), F.resize(mask, size, interpolation=_MASK_INTERPOLATION)
+        return F.resize(image, size, antialias=self.antialias), F.resize(mask, size, interpolation=_MASK_INTERPOLATION)
 
     def __call__(self, example):
         if example.get(self.mask_key) is None:
