@@ -105,8 +105,9 @@ def test_segmentation_uses_sdpa_unless_attentions_are_requested(tester, sdpa_cal
         sdpa_calls.clear()
         with_attentions = sdpa(pixel_values, output_attentions=True)
         assert not sdpa_calls  # probabilities are needed, so every layer runs eagerly
-        assert len(with_attentions.attentions) == num_layers
-        assert all(probs.shape[:2] == (2, eager.config.num_attention_heads) for probs in with_attentions.attentions)
+        maps = with_attentions.attentions + with_attentions.decoder_attentions
+        assert len(maps) == num_layers
+        assert all(probs.shape[:2] == (2, eager.config.num_attention_heads) for probs in maps)
         torch.testing.assert_close(with_attentions.logits, fast.logits, **TOLERANCE)
 
         eager(pixel_values)

@@ -60,18 +60,21 @@ def test_padding_is_cropped_without_shifting_predictions(tester):
     assert abs(F.cross_entropy(shifted, labels, ignore_index=255, reduction="none").mean() - expected) > 1e-4
 
 
-def test_output_attentions_gives_encoder_then_decoder_maps_and_same_logits(tester):
+def test_output_attentions_gives_encoder_maps_decoder_maps_apart_and_same_logits(tester):
     model = build_model(tester)
     pixel_values = tester.prepare_pixel_values(2, 24, 40)
     with torch.no_grad():
         plain = model(pixel_values)
         with_maps = model(pixel_values, output_attentions=True, output_hidden_states=True)
     torch.testing.assert_close(plain.logits, with_maps.logits, rtol=1e-4, atol=1e-5)
-    assert plain.attentions is None and plain.hidden_states is None
+    assert plain.attentions is None and plain.decoder_attentions is None and plain.hidden_states is None
     num_patches = 3 * 5
     encoder_tokens, decoder_tokens = 1 + num_patches, num_patches + NUM_LABELS
-    shapes = [tuple(attention.shape) for attention in with_maps.attentions]
-    assert shapes == [(2, 4, encoder_tokens, encoder_tokens)] * 2 + [(2, 4, decoder_tokens, decoder_tokens)] * 2
+    # Encoder layers in `attentions` (as transformers' vision models), decoder layers in `decoder_attentions`.
+    encoder_shapes = [tuple(attention.shape) for attention in with_maps.attentions]
+    assert encoder_shapes == [(2, 4, encoder_tokens, encoder_tokens)] * 2
+    decoder_shapes = [tuple(attention.shape) for attention in with_maps.decoder_attentions]
+    assert decoder_shapes == [(2, 4, decoder_tokens, decoder_tokens)] * 2
     assert [state.shape for state in with_maps.hidden_states] == [(2, 1 + num_patches, 32)] * 3
 
 

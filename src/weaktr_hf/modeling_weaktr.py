@@ -55,19 +55,6 @@ class WeakTrModelOutput(ModelOutput):
 
 
 @dataclass
-class WeakTrSemanticSegmenterOutput(SemanticSegmenterOutput):
-    """
-    [`SemanticSegmenterOutput`] of [`WeakTrForSemanticSegmentation`], plus:
-
-    Args:
-        aux_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, rows, cols)`, *optional*, returned when
-            `output_aux_logits=True`): the tokens before the last decoder block decoded by the same head.
-    """
-
-    aux_logits: torch.FloatTensor | None = None
-
-
-@dataclass
 class WeakTrCAMOutput(ModelOutput):
     """
     Output of [`WeakTrForCAM`]. `C` is `config.num_labels` (foreground classes), `h, w = height // patch_size,
@@ -112,6 +99,39 @@ class WeakTrCAMOutput(ModelOutput):
     head_weights: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WeakTrSemanticSegmenterOutput(SemanticSegmenterOutput):
+    """
+    Output of [`WeakTrForSemanticSegmentation`]: transformers' `SemanticSegmenterOutput` plus `aux_logits` and
+    `decoder_attentions`.
+
+    `attentions` holds the encoder's layers only, as in every transformers vision model (ViT, SegFormer, DINOv2...), so
+    code that reads `attentions[-1]` gets the last encoder layer; the mask-transformer decoder's layers have their own
+    field, as the decoder of an encoder-decoder model does.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Per-pixel cross-entropy at the label size, with gradient clipping when `config.use_gradient_clipping`.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels, padded_height // patch_size, padded_width //
+            patch_size)`):
+            Mask scores at patch resolution of the input padded bottom/right to a multiple of the patch size.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Encoder embeddings and each encoder layer's output, each `(batch_size, 1 + num_patches, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Encoder layers' attention probabilities, each `(batch_size, num_attention_heads, 1 + num_patches,
+            1 + num_patches)`.
+        aux_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, rows, cols)`, *optional*, returned when
+            `output_aux_logits=True`):
+            The tokens before the last decoder block decoded by the same head.
+        decoder_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Decoder layers' attention probabilities over patches then class embeddings, each `(batch_size,
+            decoder_num_attention_heads, num_patches + num_labels, num_patches + num_labels)`.
+    """
+
+    aux_logits: torch.FloatTensor | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,8 +344,9 @@ class WeakTrModel(WeakTrPreTrainedModel):
         self.cls_token = nn.Parameter(torch.zeros(1, num_prefix_tokens, config.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, config.hidden_size))
         self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
-        # Stochastic depth grows linearly with depth, as in DeiT.
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth grows linearly with depth, as in DeiT. Computed on the CPU whatever the default device, so
+        # that building the model under `torch.device("meta")` (empty-weights loading) works.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             WeakTrLayer(
                 config, config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
@@ -595,7 +616,8 @@ class WeakTrMaskTransformerDecoder(nn.Module):
         self.num_labels = config.num_labels
         self.proj_dec = nn.Linear(config.hidden_size, width)
         self.cls_emb = nn.Parameter(torch.zeros(1, config.num_labels, width))
-        rates = torch.linspace(0, config.decoder_drop_path_rate, config.decoder_num_hidden_layers).tolist()
+        num_layers = config.decoder_num_hidden_layers
+        rates = torch.linspace(0, config.decoder_drop_path_rate, num_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             WeakTrLayer(
                 config, width, config.decoder_num_attention_heads, config.decoder_intermediate_size, "gelu",
@@ -729,7 +751,7 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         return_dict: bool | None = None,
         output_aux_logits: bool = False,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> WeakTrSemanticSegmenterOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Per-pixel class ids in `[0, num_labels)`, or `config.semantic_loss_ignore_index` to ignore a pixel.
@@ -763,9 +785,13 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             labels = self._check_labels(labels, pixel_values.shape[0])
             loss = semantic_segmentation_loss(upsample_logits(logits, (height, width), patch_size), labels, self.config)
 
-        attentions = outputs.attentions + decoder_attentions if output_attentions else None
         output = WeakTrSemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=attentions, aux_logits=aux_logits
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_logits=aux_logits,
+            decoder_attentions=decoder_attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
