@@ -44,6 +44,23 @@ class WeakTrConfig(PreTrainedConfig):
             Encoder LayerNorm epsilon (timm's DeiT uses 1e-6; the authors' step-2 encoder uses 1e-5).
         qkv_bias (`bool`, *optional*, defaults to `True`):
             Bias in the fused query/key/value projection.
+        key_bias (`bool`, *optional*, defaults to `True`):
+            With `qkv_bias`, whether the key projection has a bias too. `False` is EVA-02's layout: separate
+            `q_bias` and `v_bias` parameters and a key bias fixed at zero.
+        layerscale_value (`float`, *optional*):
+            LayerScale (DINOv2): initial value of the learned per-channel scales `ls1.gamma` / `ls2.gamma` applied to
+            each residual branch. `None` means no LayerScale at all (no parameters).
+        use_gated_mlp (`bool`, *optional*, defaults to `False`):
+            Gated (SwiGLU) MLP, as EVA-02: one packed `fc1` of `2 * intermediate_size` rows (gate first, then value),
+            `hidden_act(gate) * value`, then `fc2`. `intermediate_size` is the width after gating.
+        use_rope (`bool`, *optional*, defaults to `False`):
+            2-D axial rotary position embeddings (EVA-02) on the queries and keys of the patch tokens, on top of the
+            learned position table; prefix tokens are not rotated.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            Base of the rotary frequencies.
+        rope_reference_grid (`int`, *optional*, defaults to 16):
+            Rotary positions of an axis with `n` patches are `arange(n) / n * rope_reference_grid` (EVA-02's
+            pretraining grid), so any grid spans the same range and the authors' 30x30 table is reproduced exactly.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated-normal weight init.
         position_embedding_interpolation (`str`, *optional*):
@@ -99,6 +116,14 @@ class WeakTrConfig(PreTrainedConfig):
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # Encoder variants of the authors' step-2 backbones (shared/docs/BACKBONES.md): DINOv2-S sets layerscale_value=1.0;
+    # EVA-02-S sets key_bias=False, use_gated_mlp=True (intermediate_size 1024, hidden_act "silu") and use_rope=True.
+    key_bias: bool = True
+    layerscale_value: float | None = None
+    use_gated_mlp: bool = False
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    rope_reference_grid: int = 16
     initializer_range: float = 0.02
     position_embedding_interpolation: str | None = None
     # Step 1: Adaptive Attention Fusion (released runs: K = 72 -> 9, head_dim 64 -> 8, max pooling).
@@ -143,7 +168,7 @@ class WeakTrConfig(PreTrainedConfig):
             "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "intermediate_size", "aaf_reduction", "aaf_feat_reduction", "decoder_hidden_size",
             "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_intermediate_size",
-            "clip_window_size", "num_labels",
+            "clip_window_size", "num_labels", "rope_reference_grid",
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -189,6 +214,25 @@ class WeakTrConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"WeakTrConfig.{name} must be in [0, 1), got {value!r}.")
+        if not self.key_bias and not self.qkv_bias:
+            raise ValueError(
+                "WeakTrConfig.key_bias=False means query and value biases without a key bias, which needs "
+                "qkv_bias=True; for no biases at all set qkv_bias=False and leave key_bias at True."
+            )
+        if self.use_rope and self.head_dim % 4:
+            raise ValueError(
+                f"WeakTrConfig.use_rope needs a head dimension divisible by 4 (two axes of rotated pairs), got "
+                f"{self.head_dim} = hidden_size / num_attention_heads."
+            )
+        if self.layerscale_value is not None and (
+            isinstance(self.layerscale_value, bool) or not isinstance(self.layerscale_value, (int, float))
+        ):
+            raise ValueError(
+                f"WeakTrConfig.layerscale_value must be a number (LayerScale's initial value) or None (no LayerScale), "
+                f"got {self.layerscale_value!r}."
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"WeakTrConfig.rope_theta must be positive, got {self.rope_theta!r}.")
         if self.clip_start_value <= 0:
             raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
 

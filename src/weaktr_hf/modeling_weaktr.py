@@ -210,10 +210,56 @@ class WeakTrPatchEmbeddings(nn.Module):
         return embeddings.flatten(2).transpose(1, 2)
 
 
-class WeakTrSelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm / the authors' parameter layout)."""
+def build_2d_rope(grid, head_dim, theta, reference_grid, device=None):
+    """Axial 2-D rotary table `(cos, sin)`, each `(rows * cols, head_dim)` float32, patches in row-major order.
 
-    def __init__(self, config, hidden_size, num_heads, qkv_bias, attention_dropout, projection_dropout):
+    The first half of each head rotates with the patch row, the second half with the column, in interleaved pairs
+    (EVA-02's layout). Positions along an axis of `n` patches are `arange(n) / n * reference_grid`, rescaled per axis
+    as timm's EVA does, so every grid spans EVA-02's pretraining extent; at the authors' 30x30 grid this is their
+    fixed table. Computed per forward from `arange`: nothing is stored in the weights.
+    """
+    rows, cols = grid
+    quarter = head_dim // 4
+    inv_freq = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    row_pos = torch.arange(rows, device=device, dtype=torch.float32) / rows * reference_grid
+    col_pos = torch.arange(cols, device=device, dtype=torch.float32) / cols * reference_grid
+    row_freqs = (row_pos[:, None] * inv_freq).repeat_interleave(2, dim=-1)  # (rows, head_dim / 2)
+    col_freqs = (col_pos[:, None] * inv_freq).repeat_interleave(2, dim=-1)  # (cols, head_dim / 2)
+    angles = torch.cat(
+        [row_freqs[:, None].expand(rows, cols, -1), col_freqs[None].expand(rows, cols, -1)], dim=-1
+    ).reshape(rows * cols, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate_interleaved(hidden_states):
+    """`(x0, x1, x2, x3, ...)` -> `(-x1, x0, -x3, x2, ...)`: a quarter turn of each consecutive pair."""
+    pairs = hidden_states.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(query, key, cos, sin):
+    """Rotate the last `cos.shape[0]` tokens (the patches) of `query` and `key` `(B, heads, T, head_dim)`; the prefix
+    tokens before them are left as they are."""
+    num_prefix = query.shape[-2] - cos.shape[0]
+
+    def rotate(states):
+        patches = states[..., num_prefix:, :]
+        rotated = patches * cos + rotate_interleaved(patches) * sin
+        return torch.cat([states[..., :num_prefix, :], rotated.type_as(states)], dim=-2)
+
+    return rotate(query), rotate(key)
+
+
+class WeakTrSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm / the authors' parameter layout).
+
+    `key_bias=False` (with `qkv_bias`) is EVA-02's layout: `qkv` without bias plus `q_bias` and `v_bias`, the key
+    bias fixed at zero. Rotary `position_embeddings` `(cos, sin)`, when given, rotate queries and keys before the
+    attention kernel, so eager and SDPA attention see the same inputs.
+    """
+
+    def __init__(self, config, hidden_size, num_heads, qkv_bias, attention_dropout, projection_dropout,
+                 key_bias=True):  # fmt: skip
         super().__init__()
         self.config = config
         self.num_heads = num_heads
@@ -221,15 +267,24 @@ class WeakTrSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = attention_dropout
         self.is_causal = False
-        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=qkv_bias)
+        separate_biases = qkv_bias and not key_bias
+        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=qkv_bias and key_bias)
+        self.q_bias = nn.Parameter(torch.zeros(hidden_size)) if separate_biases else None
+        self.v_bias = nn.Parameter(torch.zeros(hidden_size)) if separate_biases else None
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.proj_drop = nn.Dropout(projection_dropout)
 
-    def forward(self, hidden_states, output_attentions=False):
+    def forward(self, hidden_states, position_embeddings=None, output_attentions=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
+        bias = self.qkv.bias
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         # (3, B, heads, T, head_dim)
-        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(hidden_states, self.qkv.weight, bias)
+        qkv = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         implementation = "eager" if output_attentions else (self.config._attn_implementation or "sdpa")
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_probs = attention_interface(
@@ -268,23 +323,67 @@ class WeakTrMLP(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(hidden_states)))))
 
 
+class WeakTrGatedMLP(nn.Module):
+    """Gated MLP (SwiGLU with `hidden_act="silu"`, EVA-02): packed `fc1` gives `[gate; value]`, then
+    `fc2(act(gate) * value)`. Same attribute names and constructor as `WeakTrMLP`, so either fills a layer's `mlp`
+    slot. Dropout sits where `WeakTrMLP` has it; the authors' EVA-02 has none inside, which their step-2 default
+    (`hidden_dropout_prob=0`) matches."""
+
+    def __init__(self, hidden_size, intermediate_size, hidden_act, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, 2 * intermediate_size)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, hidden_states):
+        gate, value = self.fc1(hidden_states).chunk(2, dim=-1)
+        return self.drop(self.fc2(self.drop(self.act(gate) * value)))
+
+
+class WeakTrLayerScale(nn.Module):
+    """LayerScale (DINOv2): a learned per-channel scale of a residual branch, initialised to `init_value`."""
+
+    def __init__(self, hidden_size, init_value):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((hidden_size,), float(init_value)))
+
+    def forward(self, hidden_states):
+        return hidden_states * self.gamma
+
+
 class WeakTrLayer(nn.Module):
-    """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes."""
+    """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes.
+
+    The variants fill fixed slots when the layer is built: `mlp_layer` (`WeakTrMLP` or `WeakTrGatedMLP`), `ls1` /
+    `ls2` (LayerScale when `layerscale_value` is a number, identity when None) and the attention's bias layout
+    (`key_bias`). The defaults are the plain ViT block.
+    """
 
     def __init__(self, config, hidden_size, num_heads, intermediate_size, hidden_act, layer_norm_eps, qkv_bias,
-                 dropout, attention_dropout, drop_path_rate):  # fmt: skip
+                 dropout, attention_dropout, drop_path_rate, *, mlp_layer=WeakTrMLP, layerscale_value=None,
+                 key_bias=True):  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.attn = WeakTrSelfAttention(config, hidden_size, num_heads, qkv_bias, attention_dropout, dropout)
+        self.attn = WeakTrSelfAttention(
+            config, hidden_size, num_heads, qkv_bias, attention_dropout, dropout, key_bias=key_bias
+        )
+        self.ls1 = nn.Identity() if layerscale_value is None else WeakTrLayerScale(hidden_size, layerscale_value)
         self.drop_path = WeakTrDropPath(drop_path_rate)
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.mlp = WeakTrMLP(hidden_size, intermediate_size, hidden_act, dropout)
+        self.mlp = mlp_layer(hidden_size, intermediate_size, hidden_act, dropout)
+        self.ls2 = nn.Identity() if layerscale_value is None else WeakTrLayerScale(hidden_size, layerscale_value)
 
-    def forward(self, hidden_states, output_attentions=False):
-        """Returns `(hidden_states, attention_probs or None, attention-branch output before the residual add)`."""
-        attn_output, attn_probs = self.attn(self.norm1(hidden_states), output_attentions=output_attentions)
+    def forward(self, hidden_states, position_embeddings=None, output_attentions=False):
+        """Returns `(hidden_states, attention_probs or None, attention-branch output before the residual add)`; the
+        branch output includes LayerScale (it is what the residual adds, before stochastic depth)."""
+        attn_output, attn_probs = self.attn(
+            self.norm1(hidden_states), position_embeddings=position_embeddings, output_attentions=output_attentions
+        )
+        attn_output = self.ls1(attn_output)
         hidden_states = hidden_states + self.drop_path(attn_output)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        hidden_states = hidden_states + self.drop_path(self.ls2(self.mlp(self.norm2(hidden_states))))
         return hidden_states, attn_probs, attn_output
 
 
@@ -313,6 +412,11 @@ class WeakTrPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, WeakTrLayerScale):
+            init.constant_(module.gamma, module.init_value)
+        elif isinstance(module, WeakTrSelfAttention) and module.q_bias is not None:
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
         elif isinstance(module, WeakTrModel):
             init.trunc_normal_(module.cls_token, std=std)
             init.trunc_normal_(module.pos_embed, std=std)
@@ -327,6 +431,9 @@ class WeakTrModel(WeakTrPreTrainedModel):
     """
     The plain ViT encoder both WeakTr steps share: patch embedding, `num_prefix_tokens` learned prefix tokens,
     position embeddings resized to any input grid, pre-norm layers with stochastic depth, optional final LayerNorm.
+    Config fields choose the variants of the authors' step-2 backbones: LayerScale (DINOv2-S), gated MLP, q/v biases
+    and 2-D rotary embeddings of the patch tokens (EVA-02-S); the rotary table is built once per forward for the
+    input's grid and handed to every layer.
 
     Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
     one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the step-2 encoder.
@@ -352,6 +459,8 @@ class WeakTrModel(WeakTrPreTrainedModel):
                 config, config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
                 config.layer_norm_eps, config.qkv_bias, config.hidden_dropout_prob,
                 config.attention_probs_dropout_prob, rate,
+                mlp_layer=WeakTrGatedMLP if config.use_gated_mlp else WeakTrMLP,
+                layerscale_value=config.layerscale_value, key_bias=config.key_bias,
             )  # fmt: skip
             for rate in rates
         )
@@ -382,6 +491,11 @@ class WeakTrModel(WeakTrPreTrainedModel):
         )
         return torch.cat([prefix, patches], dim=1)
 
+    def rotary_embeddings(self, grid, device):
+        """The 2-D rotary table `(cos, sin)` for `grid = (rows, cols)` patches (see `build_2d_rope`)."""
+        config = self.config
+        return build_2d_rope(grid, config.head_dim, config.rope_theta, config.rope_reference_grid, device)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -410,12 +524,15 @@ class WeakTrModel(WeakTrPreTrainedModel):
         prefix = self.cls_token.expand(patches.shape[0], -1, -1)
         hidden_states = torch.cat([prefix, patches], dim=1) + self.interpolate_pos_encoding(grid)
         hidden_states = self.pos_drop(hidden_states)
+        position_embeddings = self.rotary_embeddings(grid, pixel_values.device) if self.config.use_rope else None
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_attention_outputs = () if output_attention_outputs else None
         for block in self.blocks:
-            hidden_states, attn_probs, attn_output = block(hidden_states, output_attentions=output_attentions)
+            hidden_states, attn_probs, attn_output = block(
+                hidden_states, position_embeddings=position_embeddings, output_attentions=output_attentions
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
