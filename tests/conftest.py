@@ -93,3 +93,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def authors_rope_table(grid_side, head_dim=64, reference_grid=16):
+    """The authors' EVA-02 rotary table (their rope.VisionRotaryEmbeddingFast with pt_seq_len = `reference_grid`,
+    ft_seq_len = `grid_side`), written out from shared/docs/BACKBONES.md section 1.4: `(cos, sin)`, each
+    `(grid_side ** 2, head_dim)`. Square grids only, as theirs."""
+    half = head_dim // 2
+    theta = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    positions = torch.arange(grid_side) / grid_side * reference_grid
+    freqs = torch.einsum("i,f->if", positions, theta).repeat_interleave(2, dim=-1)  # (n, half)
+    table = torch.cat([freqs[:, None].expand(-1, grid_side, -1), freqs[None].expand(grid_side, -1, -1)], dim=-1)
+    return table.cos().reshape(-1, head_dim), table.sin().reshape(-1, head_dim)

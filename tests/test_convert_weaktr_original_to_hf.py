@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import weaktr_hf.hub
-from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation, upsample_logits
+from conftest import authors_rope_table
+from weaktr_hf import WeakTrConfig, WeakTrForCAM, WeakTrForSemanticSegmentation, upsample_logits
 from weaktr_hf import convert_weaktr_original_to_hf as convert
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
 from weaktr_hf.labels import BACKGROUND, COCO_CLASSES, COCO_RAW_ID_TO_NAME, VOC_CLASSES
@@ -369,10 +371,10 @@ def test_wrong_stage_and_unsupported_variants_get_a_hint():
         convert.convert_state_dict(authors_seg_state_dict(**SEG_SHAPES), "cam")
     with pytest.raises(ValueError, match="use stage 'cam'"):
         convert.convert_state_dict(authors_cam_state_dict(**CAM_SHAPES), "seg")
-    dinov2 = authors_seg_state_dict(**SEG_SHAPES)
-    dinov2["encoder.blocks.0.ls1.gamma"] = torch.ones(128)
-    with pytest.raises(ValueError, match=r"'encoder\.blocks\.0\.ls1\.gamma'.*LayerScale"):
-        convert.convert_state_dict(dinov2, "seg")
+    linear_decoder = authors_seg_state_dict(**SEG_SHAPES)
+    linear_decoder["decoder.head.weight"] = torch.ones(4, 64)
+    with pytest.raises(ValueError, match=r"'decoder\.head\.weight'.*linear decoder"):
+        convert.convert_state_dict(linear_decoder, "seg")
 
 
 @pytest.mark.parametrize(
@@ -541,7 +543,9 @@ def test_converted_seg_folder_loads_with_processor_and_card(tmp_path):
     assert processor.size == {"height": 32, "width": 32} and list(processor.image_mean) == [0.5, 0.5, 0.5]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in _read_front_matter(card)
-    assert "74.0%" in card and "not measured by this conversion" in card and "$" not in card
+    assert "not measured by this conversion" in card and "$" not in card
+    # A 128-wide, 2-layer encoder is none of the released S-sized backbones: no paper number is claimed for it.
+    assert "none of the released S-sized backbones" in card and "%" not in card.split("## Results")[1].split("##")[0]
 
 
 def test_card_without_known_dataset_claims_no_reported_number(tmp_path):
@@ -602,3 +606,137 @@ def test_push_to_hub_uploads_the_output_folder(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     assert "cam.pth" in message
     assert 'from_pretrained("someone/weaktr-cam")' in (tmp_path / "out" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DINOv2-S and EVA-02-S step-2 checkpoints (shared/docs/BACKBONES.md, section 2.2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def timm_variant_encoder(variant, seed=0):
+    """A tiny timm encoder configured like the authors' step-2 DINOv2 / EVA-02 (patch 8, 4 x 4 grid, width 128 with
+    2 heads of 64, eps 1e-5, final norm on all tokens), with random non-default weights."""
+    import timm
+
+    common = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=0,
+                  norm_layer=partial(torch.nn.LayerNorm, eps=1e-5))  # fmt: skip
+    torch.manual_seed(seed)
+    if variant == "dinov2":
+        model = timm.create_model("vit_small_patch14_dinov2", **common)
+    else:
+        model = timm.create_model("eva02_small_patch14_224", mlp_ratio=2.0, global_pool="token", use_fc_norm=False,
+                                  **common)  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval()
+
+
+def authors_variant_state_dict(variant, encoder, num_labels=4):
+    """The authors' step-2 Segmenter state dict for `encoder`'s weights: their key names (`mlp.w12` / `mlp.w3` for
+    EVA-02), the unused 1000-way head, EVA-02's rotary buffers saved for the encoder and again in every attention
+    layer, and a mask-transformer decoder."""
+    decoder = {k: v for k, v in authors_seg_state_dict(**{**SEG_SHAPES, "num_labels": num_labels}).items()
+               if k.startswith("decoder.")}  # fmt: skip
+    state = {"encoder.head.weight": torch.randn(1000, 128), "encoder.head.bias": torch.randn(1000), **decoder}
+    for key, value in encoder.state_dict().items():
+        if variant == "eva02":
+            key = key.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
+        state["encoder." + key] = value.clone()
+    if variant == "eva02":
+        cos, sin = authors_rope_table(4, 64)
+        for prefix in ["encoder."] + [f"encoder.blocks.{i}.attn." for i in range(2)]:
+            state[f"{prefix}rope.freqs_cos"], state[f"{prefix}rope.freqs_sin"] = cos.clone(), sin.clone()
+    return state
+
+
+@pytest.mark.parametrize("variant", ["dinov2", "eva02"])
+def test_variant_checkpoint_converts_every_key_and_matches_timm(variant):
+    encoder = timm_variant_encoder(variant)
+    source = authors_variant_state_dict(variant, encoder)
+
+    config, converted = convert.convert_state_dict(wrap(source, "model+module"), "seg")
+
+    eva = variant == "eva02"
+    assert (config.use_rope, config.use_gated_mlp, config.key_bias) == (eva, eva, not eva)
+    assert config.layerscale_value == (None if eva else 1.0)
+    assert config.intermediate_size == (256 if eva else 512) and config.hidden_act == ("silu" if eva else "gelu")
+    assert config.layer_norm_eps == 1e-5 and config.num_attention_heads == 2
+    assert set(converted) == set(WeakTrForSemanticSegmentation(config).state_dict())
+    model = _converted_model(source, "seg")
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = encoder.forward_features(pixel_values)
+        assert max_abs_diff(model.weaktr(pixel_values).last_hidden_state, reference) < 1e-5
+        torch.testing.assert_close(model(pixel_values).logits, model.decoder(reference[:, 1:], (4, 4))[0],
+                                   rtol=0, atol=1e-5)  # fmt: skip
+
+    back = convert.to_original_state_dict(model)
+    assert set(back) == set(source) - {"encoder.head.weight", "encoder.head.bias"}
+    for key, value in back.items():
+        torch.testing.assert_close(value, source[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_eva_rope_table_that_disagrees_is_refused():
+    source = authors_variant_state_dict("eva02", timm_variant_encoder("eva02"))
+    cos, sin = authors_rope_table(4, 64, reference_grid=14)  # another pretraining grid
+    source["encoder.blocks.1.attn.rope.freqs_sin"] = sin
+    with pytest.raises(ValueError, match=r"'encoder\.blocks\.1\.attn\.rope\.freqs_sin' differs from the recomputed"):
+        convert.convert_state_dict(source, "seg")
+    source["encoder.blocks.1.attn.rope.freqs_sin"] = authors_rope_table(5, 64)[1]  # a 5 x 5 grid's table
+    with pytest.raises(ValueError, match=r"has shape \(25, 64\).*gives \(16, 64\)"):
+        convert.convert_state_dict(source, "seg")
+
+
+def test_converted_eva_folder_runs_in_the_pipeline_with_clip_statistics(tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save(wrap(authors_variant_state_dict("eva02", timm_variant_encoder("eva02"), num_labels=21), "model"),
+               checkpoint)  # fmt: skip
+    converted = convert.convert_checkpoint(checkpoint, "seg", tmp_path / "out", dataset="voc12")
+
+    model, info = WeakTrForSemanticSegmentation.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.use_rope and model.config.use_gated_mlp and not model.config.key_bias
+    processor = WeakTrImageProcessor.from_pretrained(tmp_path / "out")
+    assert list(processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert list(processor.image_std) == [0.26862954, 0.26130258, 0.27577711]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    segments = pipeline("image-segmentation", model=str(tmp_path / "out"))(image)
+    inputs = processor(image, return_tensors="pt")
+    with torch.no_grad():
+        logits = converted(**inputs).logits
+    expected = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False).argmax(1)[0]
+    predicted = torch.full((40, 56), -1)
+    for segment in segments:
+        predicted[torch.from_numpy(np.array(segment["mask"]) > 0)] = model.config.label2id[segment["label"]]
+    assert torch.equal(predicted, expected)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "EVA-02 blocks" in card and "eva02" in card
+
+
+S_SIZED = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=480, layer_norm_eps=1e-5)
+VARIANT_CONFIGS = {
+    "deit-s": {}, "vit-s": {}, "dinov2-s": {"layerscale_value": 1.0},
+    "eva02-s": {"use_gated_mlp": True, "intermediate_size": 1024, "hidden_act": "silu", "key_bias": False,
+                "use_rope": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "backbone, dataset, number",
+    [("deit-s", "voc12", "74.0"), ("vit-s", "voc12", "78.4"), ("dinov2-s", "voc12", "75.8"),
+     ("eva02-s", "voc12", "78.5"), ("deit-s", "coco14", "46.9"), ("vit-s", "coco14", "50.3"),
+     ("dinov2-s", "coco14", "48.9"), ("eva02-s", "coco14", "51.1")],
+)  # fmt: skip
+def test_card_gives_the_papers_number_of_the_released_backbone(backbone, dataset, number):
+    num_labels = 21 if dataset == "voc12" else 91
+    config = WeakTrConfig(**S_SIZED, **VARIANT_CONFIGS[backbone], num_labels=num_labels)
+    normalization = "vit" if backbone == "vit-s" else convert.default_normalization(config)
+    assert convert.released_backbone(config, normalization) == backbone
+    card = convert.render_model_card(config, "seg", dataset, "checkpoint.pth", "0" * 64, normalization, "out")
+    results = card.split("## Results")[1].split("## Conversion notes")[0]
+    assert f"**{number}%**" in results and convert.BACKBONE_NAMES[backbone] in results
+    assert results.count("%**") == 1 and "paper" in results

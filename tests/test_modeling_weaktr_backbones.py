@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 import timm
 import torch
+from conftest import authors_rope_table
 from torch import nn
 
 from weaktr_hf import WeakTrConfig, WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrModel
@@ -90,17 +91,6 @@ def test_other_grids_match_timm_built_for_that_grid(variant):
             tokens = model.weaktr(pixel_values).last_hidden_state
         assert max_diff(tokens, expected_tokens) < 1e-4, (height, width)
         assert max_diff(outputs.logits, expected_logits) < 1e-4, (height, width)
-
-
-def authors_rope_table(grid_side, head_dim=64, reference_grid=16):
-    """The authors' EVA-02 table (rope.VisionRotaryEmbeddingFast with pt_seq_len 16, ft_seq_len = grid side),
-    written out from BACKBONES.md section 1.4: square grids only."""
-    half = head_dim // 2
-    theta = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    positions = torch.arange(grid_side) / grid_side * reference_grid
-    freqs = torch.einsum("i,f->if", positions, theta).repeat_interleave(2, dim=-1)  # (n, half)
-    table = torch.cat([freqs[:, None, :].expand(-1, grid_side, -1), freqs[None, :, :].expand(grid_side, -1, -1)], -1)
-    return table.cos().reshape(-1, head_dim), table.sin().reshape(-1, head_dim)
 
 
 def test_rope_table_equals_the_authors_at_their_grid_and_timm_at_any_grid():

@@ -28,9 +28,9 @@ from transformers.initialization import no_init_weights
 
 from . import hub
 from .configuration_weaktr import AAF_POOLINGS, WeakTrConfig
-from .image_processing_weaktr import WeakTrImageProcessor
+from .image_processing_weaktr import IMAGE_STATISTICS, WeakTrImageProcessor
 from .labels import BACKGROUND, label_layouts
-from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrPreTrainedModel
+from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrPreTrainedModel, build_2d_rope
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +49,22 @@ UNUSED_KEYS = {
     ),
 }  # fmt: skip
 
-# Image normalisation of the authors' recipes: DeiT backbones use ImageNet statistics, augreg ViT backbones 0.5.
-NORMALIZATIONS = {
-    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
+# Image normalisation of the authors' recipes (see IMAGE_STATISTICS): ImageNet for DeiT-S and DINOv2-S, 0.5 for the
+# augreg ViT-S, OpenAI CLIP for EVA-02-S.
+NORMALIZATIONS = IMAGE_STATISTICS
 
-# Authors' step-2 variants whose blocks differ from a plain ViT (LayerScale, rotary embeddings, SwiGLU, q/v biases)
-# or whose decoder is not the mask transformer; they cannot be represented by WeakTrForSemanticSegmentation.
-UNSUPPORTED_KEY_HINTS = (
-    (re.compile(r"(^|\.)ls[12]\.gamma$"), "LayerScale (the authors' DINOv2-S variant)"),
-    (re.compile(r"(^|\.)(rope\.|q_bias$|v_bias$|mlp\.w12\.)"), "rotary embeddings / SwiGLU (the EVA-02-S variant)"),
-    (re.compile(r"^decoder\.head\."), "a linear decoder instead of the mask transformer"),
-)
+# The authors' EVA-02-S saves its fixed rotary table as buffers: once for the encoder and again in every attention
+# layer (one shared module). The tables are checked against the recomputed ones and then dropped: weaktr-hf builds
+# them per forward for the input's grid.
+ROPE_KEY = re.compile(r"^encoder\.(blocks\.\d+\.attn\.)?rope\.freqs_(cos|sin)$")
+ROPE_TOLERANCE = 1e-5  # float32 cos/sin of angles up to 16 rad; saved by another torch version
+
+# Authors' step-2 variants that WeakTrForSemanticSegmentation cannot represent.
+UNSUPPORTED_KEY_HINTS = ((re.compile(r"^decoder\.head\."), "a linear decoder instead of the mask transformer"),)
+
+# Backbones of the released step-2 checkpoints (the authors' README): the variant is read from the keys; a plain
+# ViT is DeiT-S or the augreg ViT-S, told apart only by the image statistics of its recipe.
+BACKBONE_NAMES = {"deit-s": "DeiT-S", "vit-s": "ViT-S (ImageNet-21k)", "dinov2-s": "DINOv2-S", "eva02-s": "EVA-02-S"}
 
 PAPER = (
     "Zhu et al., WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation "
@@ -77,14 +80,9 @@ REPORTED_RESULTS = {
         "mIoU of the CAM pseudo-labels on COCO 2014 train, DeiT-S: **42.6%** (multi-scale CAMs, background "
         "threshold, dense CRF)",
     ],
-    ("seg", "voc12"): [
-        "PASCAL VOC 2012 val mIoU, DeiT-S: **74.0%**",
-        "PASCAL VOC 2012 val mIoU, ViT-S (ImageNet-21k, `--normalization vit`): **78.4%**",
-    ],
-    ("seg", "coco14"): [
-        "COCO 2014 val mIoU, DeiT-S: **46.9%**",
-        "COCO 2014 val mIoU, ViT-S (ImageNet-21k, `--normalization vit`): **50.3%**",
-    ],
+    # Step 2: val mIoU of each released backbone (the authors' README, step-2 table).
+    ("seg", "voc12"): {"deit-s": "74.0", "vit-s": "78.4", "dinov2-s": "75.8", "eva02-s": "78.5"},
+    ("seg", "coco14"): {"deit-s": "46.9", "vit-s": "50.3", "dinov2-s": "48.9", "eva02-s": "51.1"},
 }
 DATASET_CARD_NAMES = {"voc12": ("PASCAL VOC 2012", "pascal-voc-2012"), "coco14": ("COCO 2014", "coco-2014")}
 
@@ -169,6 +167,10 @@ def unwrap_state_dict(checkpoint):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# EVA-02's packed SwiGLU (xformers names) -> the gated MLP's names (timm's): w12 = [gate; value] -> fc1, w3 -> fc2.
+GATED_MLP_RENAMES = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
+
+
 def original_key_to_hf(key, stage):
     """Authors' key -> weaktr-hf key (or None for a key this mapping does not know)."""
     if stage == "cam":
@@ -178,18 +180,24 @@ def original_key_to_hf(key, stage):
             return key
         return None
     if key.startswith("encoder."):
-        return "weaktr." + key.removeprefix("encoder.")
+        key = "weaktr." + key.removeprefix("encoder.")
+        for original, renamed in GATED_MLP_RENAMES:
+            key = key.replace(original, renamed)
+        return key
     if key.startswith("decoder."):
         return key
     return None
 
 
-def hf_key_to_original(key, stage):
-    """weaktr-hf key -> authors' key (the inverse of `original_key_to_hf`)."""
+def hf_key_to_original(key, stage, gated_mlp=False):
+    """weaktr-hf key -> authors' key (the inverse of `original_key_to_hf`; `gated_mlp` for an EVA-02 encoder)."""
     if stage == "cam":
         return key.removeprefix("weaktr.")
     if key.startswith("weaktr."):
-        return "encoder." + key.removeprefix("weaktr.")
+        key = "encoder." + key.removeprefix("weaktr.")
+        for original, renamed in GATED_MLP_RENAMES if gated_mlp else ():
+            key = key.replace(renamed, original)
+        return key
     return key
 
 
@@ -269,15 +277,45 @@ def _encoder_fields(state_dict, stage, num_prefix_tokens, image_size):
     pos_embed = _require(state_dict, f"{prefix}pos_embed", stage)
     num_patch_rows = pos_embed.shape[1] - num_prefix_tokens
     layers = _layer_count(state_dict, f"{prefix}blocks.")
-    return dict(
+    fields = dict(
         hidden_size=hidden_size,
         num_channels=num_channels,
         patch_size=patch_h,
         image_size=_patch_grid(num_patch_rows, patch_h, image_size, f"'{prefix}pos_embed'"),
         num_hidden_layers=layers,
-        intermediate_size=_require(state_dict, f"{prefix}blocks.0.mlp.fc1.weight", stage).shape[0],
-        qkv_bias=f"{prefix}blocks.0.attn.qkv.bias" in state_dict,
     )
+    fields.update(_encoder_variant_fields(state_dict, f"{prefix}blocks.0.", stage))
+    # The authors' EVA-02 always applies RoPE, and rebuilds its table when a checkpoint lacks it.
+    if f"{prefix}rope.freqs_cos" in state_dict or fields.get("use_gated_mlp") or fields.get("key_bias") is False:
+        fields["use_rope"] = True
+    return fields
+
+
+def _encoder_variant_fields(state_dict, block, stage):
+    """MLP, bias and LayerScale fields of the encoder, read from the keys of its first block (`block` prefix).
+
+    LayerScale keys mean DINOv2 (initial value 1.0, as the authors'; the weights overwrite it); a packed `mlp.w12`
+    and `attn.q_bias` mean EVA-02's gated MLP (width `w3`'s inputs, SiLU gate) and query/value-only biases.
+    """
+    fields = {}
+    if f"{block}mlp.w12.weight" in state_dict:
+        packed = state_dict[f"{block}mlp.w12.weight"]
+        width = _require(state_dict, f"{block}mlp.w3.weight", stage).shape[1]
+        if packed.shape[0] != 2 * width:
+            raise ValueError(
+                f"{block}mlp.w12.weight has {packed.shape[0]} rows, but a packed SwiGLU feeding "
+                f"{block}mlp.w3 ({width} inputs) needs {2 * width}: gate and value halves."
+            )
+        fields.update(use_gated_mlp=True, hidden_act="silu", intermediate_size=width)
+    else:
+        fields["intermediate_size"] = _require(state_dict, f"{block}mlp.fc1.weight", stage).shape[0]
+    if f"{block}attn.q_bias" in state_dict:
+        fields.update(qkv_bias=True, key_bias=False)
+    else:
+        fields["qkv_bias"] = f"{block}attn.qkv.bias" in state_dict
+    if f"{block}ls1.gamma" in state_dict:
+        fields["layerscale_value"] = 1.0
+    return fields
 
 
 def _dataset_layouts(stage):
@@ -433,7 +471,7 @@ def convert_state_dict(state_dict, stage, dataset=None, **config_overrides):
     source = unwrap_state_dict(state_dict)
     variant_hint = _unsupported_variant(source)
     if variant_hint:
-        raise ValueError(f"This checkpoint is not a plain-ViT WeakTr model.{variant_hint}")
+        raise ValueError(f"This checkpoint is not a WeakTr model weaktr-hf can represent.{variant_hint}")
 
     read_fields = _cam_config_fields if stage == "cam" else _seg_config_fields
     fields = read_fields(source, config_overrides)
@@ -455,15 +493,18 @@ def convert_state_dict(state_dict, stage, dataset=None, **config_overrides):
     _check_reductions(config, source, stage)
 
     expected = _expected_shapes(config, stage)
+    rope_tables = {key: value for key, value in source.items() if ROPE_KEY.match(key)} if stage == "seg" else {}
+    _check_rope_tables(rope_tables, config)
     converted, unmapped = {}, []
     for key, value in source.items():
         target = original_key_to_hf(key, stage)
         if target is None or target not in expected:
-            if key not in UNUSED_KEYS[stage]:
+            if key not in UNUSED_KEYS[stage] and key not in rope_tables:
                 unmapped.append(key)
             continue
         converted[target] = value
-    missing = [hf_key_to_original(key, stage) for key in expected if key not in converted]
+    gated = config.use_gated_mlp
+    missing = [hf_key_to_original(key, stage, gated) for key in expected if key not in converted]
     if unmapped or missing:
         raise ValueError(
             f"The checkpoint does not match a step-{1 if stage == 'cam' else 2} WeakTr model with the inferred config"
@@ -474,13 +515,43 @@ def convert_state_dict(state_dict, stage, dataset=None, **config_overrides):
     for key, value in converted.items():
         if tuple(value.shape) != expected[key]:
             raise ValueError(
-                f"Checkpoint key {hf_key_to_original(key, stage)!r} has shape {tuple(value.shape)}, but the inferred "
-                f"config ({_describe(config, stage)}) needs {expected[key]}."
+                f"Checkpoint key {hf_key_to_original(key, stage, gated)!r} has shape {tuple(value.shape)}, but the "
+                f"inferred config ({_describe(config, stage)}) needs {expected[key]}."
             )
     unused = sorted(set(source) & set(UNUSED_KEYS[stage]))
     if unused:
         logger.info("Keys the authors' model holds but never uses, not converted: %s", unused)
+    if rope_tables:
+        logger.info("%d saved rotary tables match the recomputed ones; dropped (rebuilt per forward).", len(rope_tables))
     return config, converted
+
+
+def _check_rope_tables(tables, config):
+    """Saved EVA-02 rotary tables must equal the ones the converted model computes at its training grid: a mismatch
+    means a wrong patch size, grid or frequency assumption, and the converted model would compute something else."""
+    if not tables:
+        return
+    if not config.use_rope:
+        raise ValueError(
+            f"The checkpoint holds rotary tables ({sorted(tables)[0]}, ...) but its blocks are not EVA-02's (no "
+            f"packed mlp.w12 or attn.q_bias): this layout is not one of the authors' step-2 encoders."
+        )
+    cos, sin = build_2d_rope(config.image_grid, config.head_dim, config.rope_theta, config.rope_reference_grid)
+    for key, table in sorted(tables.items()):
+        recomputed = cos if key.endswith("cos") else sin
+        if tuple(table.shape) != tuple(recomputed.shape):
+            raise ValueError(
+                f"Rotary table {key!r} has shape {tuple(table.shape)}, but the training grid {config.image_grid} "
+                f"with head dimension {config.head_dim} gives {tuple(recomputed.shape)}; check image_size."
+            )
+        difference = (table.float() - recomputed).abs().max().item()
+        if difference > ROPE_TOLERANCE:
+            raise ValueError(
+                f"Rotary table {key!r} differs from the recomputed 2-D RoPE table (grid {config.image_grid}, theta "
+                f"{config.rope_theta}, reference grid {config.rope_reference_grid}) by up to {difference:.3g}: the "
+                f"converted model would rotate queries and keys differently from the source model. Check that the "
+                f"checkpoint is an authors' EVA-02-S segmenter trained at this crop size."
+            )
 
 
 def _check_reductions(config, source, stage):
@@ -508,9 +579,41 @@ def _expected_shapes(config, stage):
     return {key: tuple(value.shape) for key, value in _empty_model(config, stage).state_dict().items()}
 
 
+def encoder_variant(config):
+    """`"eva02"`, `"dinov2"` or `"vit"` (plain): which of the authors' step-2 encoder layouts `config` describes."""
+    if config.use_rope or config.use_gated_mlp or not config.key_bias:
+        return "eva02"
+    return "dinov2" if config.layerscale_value is not None else "vit"
+
+
+def default_normalization(config):
+    """The image statistics of the authors' recipe for this encoder: CLIP for EVA-02, ImageNet otherwise."""
+    return "eva02" if encoder_variant(config) == "eva02" else "deit"
+
+
+def released_backbone(config, normalization):
+    """Which released step-2 backbone (`BACKBONE_NAMES` key) a converted model is, or None if none is S-sized.
+
+    A plain ViT is DeiT-S or the augreg ViT-S; only the recipe's image statistics (`vit` = 0.5) tell them apart.
+    """
+    if (config.hidden_size, config.num_hidden_layers) != (384, 12):
+        return None
+    variant = encoder_variant(config)
+    if variant == "vit":
+        return "vit-s" if normalization == "vit" else "deit-s"
+    return f"{variant}-s"
+
+
+ENCODER_DESCRIPTIONS = {
+    "vit": "plain ViT",
+    "dinov2": "DINOv2 blocks (LayerScale)",
+    "eva02": "EVA-02 blocks (SwiGLU MLP, query/value biases, 2-D RoPE)",
+}
+
+
 def _describe(config, stage):
     text = (
-        f"width {config.hidden_size}, depth {config.num_hidden_layers}, heads {config.num_attention_heads}, patch "
+        f"{ENCODER_DESCRIPTIONS[encoder_variant(config)]}, width {config.hidden_size}, depth {config.num_hidden_layers}, heads {config.num_attention_heads}, patch "
         f"{config.patch_size}, image {config.image_size}, {config.num_labels} classes"
     )
     if stage == "seg":
@@ -526,19 +629,30 @@ def to_original_state_dict(model_or_state_dict, stage=None):
     weaktr-hf model or state dict -> the authors' key layout (the inverse of `convert_state_dict`).
 
     Keys the authors' models hold but never use (`UNUSED_KEYS`: the step-1 final norm, the step-2 classifier heads
-    and distillation token) are not recreated; the authors load with `strict=False`. `stage` is read from the model
-    class or the keys when not given.
+    and distillation token) are not recreated; the authors load with `strict=False`. For an EVA-02 model the rotary
+    tables are written as the authors save them (encoder and every attention layer); from a bare state dict, which
+    does not say whether RoPE is on, they are left out (the authors' model rebuilds them). `stage` is read from the
+    model class or the keys when not given.
     """
+    config = None
     if isinstance(model_or_state_dict, WeakTrPreTrainedModel):
         if stage is None:
             stage = "seg" if isinstance(model_or_state_dict, WeakTrForSemanticSegmentation) else "cam"
         state_dict = model_or_state_dict.state_dict()
+        config = model_or_state_dict.config
     else:
         state_dict = model_or_state_dict
         if stage is None:
             stage = "seg" if any(key.startswith("decoder.") for key in state_dict) else "cam"
     _check_stage(stage)
-    return {hf_key_to_original(key, stage): value for key, value in state_dict.items()}
+    fc1, fc2 = state_dict.get("weaktr.blocks.0.mlp.fc1.weight"), state_dict.get("weaktr.blocks.0.mlp.fc2.weight")
+    gated = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+    original = {hf_key_to_original(key, stage, gated): value for key, value in state_dict.items()}
+    if stage == "seg" and config is not None and config.use_rope:
+        cos, sin = build_2d_rope(config.image_grid, config.head_dim, config.rope_theta, config.rope_reference_grid)
+        for prefix in ["encoder."] + [f"encoder.blocks.{i}.attn." for i in range(config.num_hidden_layers)]:
+            original[f"{prefix}rope.freqs_cos"], original[f"{prefix}rope.freqs_sin"] = cos, sin
+    return original
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -546,8 +660,10 @@ def to_original_state_dict(model_or_state_dict, stage=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_image_processor(config, stage, normalization="deit"):
-    """The recipe's preprocessing: ImageNet (DeiT) or 0.5 (augreg ViT) statistics, the training size of the step."""
+def build_image_processor(config, stage, normalization=None):
+    """The recipe's preprocessing: the image statistics named by `normalization` (`NORMALIZATIONS`; by default the
+    encoder's, see `default_normalization`) and the training size of the step."""
+    normalization = normalization or default_normalization(config)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
     mean, std = NORMALIZATIONS[normalization]
@@ -565,7 +681,16 @@ def render_model_card(config, stage, dataset, source_name, source_sha256, normal
     """
     dataset_name, dataset_id = DATASET_CARD_NAMES.get(dataset, ("an unidentified dataset", None))
     results = REPORTED_RESULTS.get((stage, dataset))
-    if results:
+    if results and stage == "seg":
+        backbone = released_backbone(config, normalization)
+        if backbone is None:
+            reported = "- The encoder is none of the released S-sized backbones, so no reported number applies."
+        else:
+            reported = (
+                f"- {dataset_name} val mIoU, WeakTr with {BACKBONE_NAMES[backbone]}: **{results[backbone]}%** (the "
+                f"paper's / authors' README number for this released checkpoint)"
+            )
+    elif results:
         reported = "\n".join(f"- {line}" for line in results)
     else:
         reported = "- The class count matches no dataset the paper reports on, so no reported number applies."
@@ -600,17 +725,27 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normalization="deit", push_to_hub=None,
+def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normalization=None, push_to_hub=None,
                        **config_overrides):  # fmt: skip
     """
     Convert an authors' checkpoint file and save model, image processor and model card to `output_dir`; upload the
     folder to the Hub repository `push_to_hub` when given. Returns the loaded weaktr-hf model (eval mode).
+
+    `normalization` names the processor's image statistics (`NORMALIZATIONS`); by default the encoder's recipe
+    (CLIP for EVA-02-S, ImageNet otherwise). The augreg ViT-S checkpoints need `"vit"`: their keys are a DeiT's.
     """
     _check_stage(stage)
-    if normalization not in NORMALIZATIONS:
+    if normalization is not None and normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
     source = unwrap_state_dict(load_original_checkpoint(checkpoint_path))
     config, state_dict = convert_state_dict(source, stage, dataset=dataset, **config_overrides)
+    recipe_normalization = default_normalization(config)
+    normalization = normalization or recipe_normalization
+    # Only EVA-02-S was trained on CLIP statistics; ImageNet vs 0.5 (DeiT-S vs ViT-S) cannot be checked from keys.
+    mismatch = (normalization == "eva02") != (recipe_normalization == "eva02")
+    if mismatch:
+        logger.warning("Image statistics %r differ from the authors' recipe for this encoder (%r).", normalization,
+                       recipe_normalization)  # fmt: skip
     card_dataset = dataset or (infer_dataset(stage, config.num_labels) if "id2label" not in config_overrides else None)
 
     model = _empty_model(config, stage)
@@ -625,6 +760,11 @@ def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normali
         notes.append(
             "The source encoder had a DeiT distillation token, which was dropped (with its position row); in the "
             "authors' model it took part in self-attention, so outputs differ from the source model's."
+        )
+    if mismatch:
+        notes.append(
+            f"Image statistics '{normalization}' were requested; the authors' recipe for this encoder uses "
+            f"'{recipe_normalization}'."
         )
     if stage == "cam" and "aaf_pooling" not in config_overrides:
         notes.append("Fusion pooling cannot be read from the weights; 'max' (the released runs) was assumed.")
@@ -679,9 +819,10 @@ def parse_args(argv=None):
         help="Step-1 fusion pooling over tokens (not stored in the weights; the released runs use max).",
     )  # fmt: skip
     parser.add_argument(
-        "--normalization", choices=tuple(NORMALIZATIONS), default="deit",
-        help="Image statistics of the processor: deit (ImageNet mean/std, DeiT backbones) or vit (0.5, the authors' "
-        "ViT-S variant).",
+        "--normalization", choices=tuple(NORMALIZATIONS), default=None,
+        help="Image statistics of the processor: deit (ImageNet mean/std: DeiT-S, DINOv2-S), vit (0.5: the authors' "
+        "ViT-S, whose keys look like DeiT-S's, so this flag is needed) or eva02 (CLIP: EVA-02-S). Default: eva02 for "
+        "an EVA-02 encoder, deit otherwise.",
     )  # fmt: skip
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="Upload the folder to this Hub repo.")
     return parser.parse_args(argv)

@@ -27,6 +27,8 @@ from transformers.image_transforms import get_size_with_aspect_ratio, group_imag
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     ChannelDimension,
     PILImageResampling,
     SizeDict,
@@ -36,6 +38,14 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 from .labels import IGNORE_INDEX
+
+# Image statistics (mean, std) of the authors' recipes by the name their configs use (segm/data/utils.py STATS):
+# "deit" ImageNet (DeiT-S, DINOv2-S), "vit" 0.5 (the augreg ViT-S), "eva02" OpenAI CLIP (EVA-02-S).
+IMAGE_STATISTICS = {
+    "deit": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "eva02": (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)),
+}
 
 # PIL modes holding 16-bit intensities (PNG 16-bit grey opens as "I;16", older Pillow gives "I").
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -526,4 +536,4 @@ class WeakTrImageProcessor(TorchvisionBackend):
         return present
 
 
-__all__ = ["WeakTrImageProcessor", "normalize_cams", "cams_to_label_map", "pil_image_to_array", "reduce_labels"]
+__all__ = ["IMAGE_STATISTICS", "WeakTrImageProcessor", "normalize_cams", "cams_to_label_map", "pil_image_to_array", "reduce_labels"]
