@@ -128,6 +128,34 @@ def test_loss_is_sum_of_three_multilabel_soft_margin_losses(tester):
     torch.testing.assert_close(outputs.fine_loss, terms[2])
 
 
+def test_class_id_labels_are_one_hot_rows_of_the_multilabel_loss(tester):
+    model = build_model(tester)
+    pixel_values, class_ids = tester.prepare_pixel_values(3), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        from_ids = model(pixel_values, labels=class_ids)
+        from_rows = model(pixel_values, labels=F.one_hot(class_ids, 3).float())
+    torch.testing.assert_close(from_ids.loss, from_rows.loss)
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "regression"])
+def test_problem_types_of_transformers_image_classifiers(tester, problem_type):
+    model = build_model(tester, problem_type=problem_type)
+    pixel_values = tester.prepare_pixel_values(3)
+    labels = torch.tensor([0, 2, 1]) if problem_type == "single_label_classification" else torch.rand(3, 3)
+    with torch.no_grad():
+        outputs = model(pixel_values, labels=labels)
+    loss_fn = F.cross_entropy if problem_type == "single_label_classification" else F.mse_loss
+    terms = [loss_fn(getattr(outputs, name), labels) for name in CAM_FIELDS[:3]]
+    torch.testing.assert_close(outputs.loss, terms[0] + terms[1] + terms[2])
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_class_ids_out_of_range_raise(tester, problem_type):
+    model = build_model(tester, problem_type=problem_type)
+    with pytest.raises(ValueError, match=r"class ids outside \[0, 3\)"):
+        model(tester.prepare_pixel_values(2), labels=torch.tensor([0, 3]))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, pipeline
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from weaktr_hf import WeakTrForSemanticSegmentation, WeakTrImageProcessor, upsample_logits
 
@@ -66,3 +68,12 @@ def test_padding_processor_and_post_processing_line_up_with_the_model_padding(sa
     expected = upsample_logits(unpadded, (30, 45), 8).argmax(1)[0]
     assert prediction.shape == (30, 45)
     assert torch.equal(prediction, expected)
+
+
+def test_image_segmentation_pipeline_does_not_call_the_model_unsupported(saved_segmenter):
+    """The pipeline's model check reads transformers' name tables; importing weaktr_hf puts the segmenter in them."""
+    folder, _ = saved_segmenter
+    with CaptureLogger(logging.get_logger("transformers.pipelines.base")) as captured:
+        segmenter = pipeline("image-segmentation", model=str(folder))
+    assert isinstance(segmenter.model, WeakTrForSemanticSegmentation)
+    assert "is not supported" not in captured.out

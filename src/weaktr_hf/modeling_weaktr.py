@@ -650,7 +650,11 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
     ) -> WeakTrCAMOutput | tuple:
         r"""
         labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
-            Multi-hot image-level labels (1 for each foreground class present).
+            Multi-hot image-level labels (1 for each foreground class present). A `(batch_size,)` integer tensor of
+            class ids (one class per image) is taken as one-hot rows. The loss follows `config.problem_type`:
+            `"multi_label_classification"` (WeakTr's, set when the config has none), or as transformers' image
+            classifiers, `"single_label_classification"` (class ids, cross-entropy) or `"regression"` (mean squared
+            error).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -682,10 +686,10 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
 
         loss = class_loss = coarse_loss = fine_loss = None
         if labels is not None:
-            labels = self._check_labels(labels, batch_size).to(logits.dtype)
-            class_loss = F.multilabel_soft_margin_loss(logits, labels)
-            coarse_loss = F.multilabel_soft_margin_loss(coarse_logits, labels)
-            fine_loss = F.multilabel_soft_margin_loss(fine_logits, labels)
+            labels = self._check_labels(labels, batch_size)
+            class_loss, coarse_loss, fine_loss = (
+                self._image_loss(head_logits, labels) for head_logits in (logits, coarse_logits, fine_logits)
+            )
             loss = class_loss + coarse_loss + fine_loss
 
         output = WeakTrCAMOutput(
@@ -706,13 +710,44 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _check_labels(self, labels, batch_size):
+        """Labels in the form `config.problem_type` needs; class ids `(batch_size,)` become one-hot rows for the
+        multi-label loss (an image with one class is a multi-label image with one class present)."""
+        problem_type = self.config.problem_type
+        is_class_ids = labels.ndim == 1 and not labels.is_floating_point()
+        if problem_type == "multi_label_classification" and is_class_ids and labels.shape[0] == batch_size:
+            self._check_class_ids(labels)
+            return F.one_hot(labels.long(), self.num_labels).float()
+        if problem_type == "single_label_classification":
+            if not (is_class_ids and labels.shape[0] == batch_size):
+                raise ValueError(
+                    f"labels must be class ids of shape (batch_size,) = ({batch_size},) for problem_type "
+                    f"'single_label_classification', got {tuple(labels.shape)} {labels.dtype}."
+                )
+            self._check_class_ids(labels)
+            return labels.long()
+        if problem_type == "regression" and self.num_labels == 1 and labels.shape == (batch_size,):
+            labels = labels[:, None]
         if labels.shape != (batch_size, self.num_labels):
             raise ValueError(
                 f"labels must be multi-hot of shape (batch_size, num_labels) = ({batch_size}, {self.num_labels}), got "
                 f"{tuple(labels.shape)}. Build them from image-level class ids with one column per foreground class "
-                f"of config.id2label."
+                f"of config.id2label, or give one class id per image as a (batch_size,) integer tensor."
             )
-        return labels
+        return labels.float()
+
+    def _check_class_ids(self, labels):
+        if ((labels < 0) | (labels >= self.num_labels)).any():
+            raise ValueError(f"labels hold class ids outside [0, {self.num_labels}): {labels.tolist()[:10]}.")
+
+    def _image_loss(self, head_logits, labels):
+        """One head's image-level loss under `config.problem_type`, as transformers' image classifiers: multi-label
+        soft margin (the paper's loss, and the default), cross-entropy, or mean squared error."""
+        head_logits = head_logits.float()
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(head_logits, labels)
+        if self.config.problem_type == "regression":
+            return F.mse_loss(head_logits, labels)
+        return F.multilabel_soft_margin_loss(head_logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
