@@ -37,6 +37,7 @@ from weaktr_hf import (
 )
 from weaktr_hf.crf import COCO_PSEUDO_LABEL_CRF, COCO_SEGMENTATION_CRF, SEGMENTATION_CRF, VOC_PSEUDO_LABEL_CRF
 from weaktr_hf.data import (
+    SYNTHETIC_CONFIGURATIONS,
     CAMCollator,
     CAMTrainTransform,
     SegmentationCollator,
@@ -63,7 +64,7 @@ from weaktr_hf.training import (
     train_model,
     write_json_atomic,
 )
-from weaktr_hf.visualization import colorize_mask, overlay_cam, side_by_side
+from weaktr_hf.visualization import FIGURE_MIN_SIDE, bar_chart, colorize_mask, overlay_cam, side_by_side, upscale
 
 logger = logging.getLogger("weaktr")
 
@@ -300,6 +301,8 @@ def parse_args(argv=None):
     add("--synthetic_image_size", type=int)
     add("--synthetic_num_train", type=int)
     add("--synthetic_num_val", type=int)
+    add("--synthetic_config", default="default", choices=sorted(SYNTHETIC_CONFIGURATIONS),
+        help="variant of the synthetic set (weaktr_hf.data.SYNTHETIC_CONFIGURATIONS); its num_classes, if any, wins")
     # Loop, checkpoints, tracking, Hub.
     add("--dataloader_num_workers", type=int)
     add("--num_threads", type=int, help="torch intra-op threads per process (default: torch's choice)")
@@ -436,9 +439,10 @@ def resolved_config(args):
 
 def load_data(args):
     if args.dataset_path == "synthetic":
+        options = {"num_classes": args.synthetic_num_classes, **SYNTHETIC_CONFIGURATIONS[args.synthetic_config]}
         dataset = load_wsss_dataset(
-            "synthetic", num_classes=args.synthetic_num_classes, image_size=args.synthetic_image_size,
-            num_train=args.synthetic_num_train, num_val=args.synthetic_num_val, seed=args.seed,
+            "synthetic", image_size=args.synthetic_image_size, num_train=args.synthetic_num_train,
+            num_val=args.synthetic_num_val, seed=args.seed, **options,
         )  # fmt: skip
     else:
         path = os.path.expanduser(str(args.dataset_path))
@@ -777,7 +781,8 @@ def eval_stage(args, accelerator, dataset, class_names, results):
     def save_prediction(index, example, prediction):
         if index < args.num_visualizations:
             panel = side_by_side([example["image"], colorize_mask(prediction), colorize_mask(example["semantic_mask"])],
-                                 titles=["image", "prediction", "ground truth"])  # fmt: skip
+                                 titles=["image", "prediction", "ground truth"], min_side=FIGURE_MIN_SIDE,
+                                 legend=["background", *class_names])  # fmt: skip
             panel.save(os.path.join(figures, f"prediction_{example['id']}.png"))
 
     processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
@@ -800,11 +805,20 @@ def eval_stage(args, accelerator, dataset, class_names, results):
     if crf is not None:
         results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
     if accelerator.is_main_process:
-        save_cam_overlays(args, split(dataset, args.train_split), figures)
+        save_cam_overlays(args, split(dataset, args.train_split), figures, class_names)
 
 
-def save_cam_overlays(args, train, figures):
-    """Image | coarse CAM | fine CAM of the first present class, for a few training images."""
+def save_summary_figure(results, path):
+    """mIoU of every stage of the run as bars, against the colour-threshold baseline (dashed) when it was scored."""
+    values = {label.split(" (")[0]: None if results.get(key) is None else 100 * results[key]
+              for label, key in TABLE_ROWS[1:]}  # fmt: skip
+    baseline = results.get("trivial_baseline_miou")
+    bar_chart(values, reference=None if baseline is None else 100 * baseline, reference_label="colour baseline",
+              title="mIoU % per stage (CAMs and pseudo-labels: train; segmentation: val)").save(path)  # fmt: skip
+
+
+def save_cam_overlays(args, train, figures, class_names):
+    """Image | the three CAMs of the first present class | ground truth, for a few training images."""
     cam_dir = os.path.join(args.output_dir, "cam")
     if not os.path.isdir(cam_dir):
         return
@@ -814,13 +828,19 @@ def save_cam_overlays(args, train, figures):
         if not example["labels"]:
             continue
         pixel_values = processor(example["image"], return_tensors="pt").pixel_values
-        panels, titles = [example["image"]], ["image"]
-        for cam in ("coarse_cam", "fine_cam"):
+        image = upscale(example["image"].convert("RGB"), FIGURE_MIN_SIDE)  # CAMs are resized smoothly onto it
+        first = example["labels"][0]
+        panels, titles = [image], ["image"]
+        for cam in CAM_NAMES:
             maps = generate_cams(model, pixel_values, [example["labels"]], scales=args.cam_scales,
                                  flip=args.cam_flip, cam=cam)  # fmt: skip
-            panels.append(overlay_cam(example["image"], maps[0, example["labels"][0]].numpy()))
-            titles.append(cam)
-        side_by_side(panels, titles=titles).save(os.path.join(figures, f"cam_{example['id']}.png"))
+            panels.append(overlay_cam(image, maps[0, first].numpy()))
+            titles.append(f"{cam.replace('_', ' ')}: {class_names[first]}")
+        if example.get("semantic_mask") is not None:
+            panels.append(colorize_mask(example["semantic_mask"]))
+            titles.append("ground truth")
+        side_by_side(panels, titles=titles, min_side=FIGURE_MIN_SIDE, legend=["background", *class_names]).save(
+            os.path.join(figures, f"cam_{example['id']}.png"))
 
 
 def _float(value):
@@ -924,6 +944,8 @@ def main(argv=None):
     if "eval" in stages and args.dataset_path == "synthetic" and accelerator.is_main_process:
         results["trivial_baseline_miou"] = trivial_baseline_miou(split(dataset, args.val_split))
         write_json_atomic(results_path, results)
+    if "eval" in stages and accelerator.is_main_process:
+        save_summary_figure(results, os.path.join(args.output_dir, "figures", "summary.png"))
 
     if accelerator.is_main_process:
         accelerator.print(results_table(results))

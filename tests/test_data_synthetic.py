@@ -5,6 +5,7 @@ import pytest
 
 from weaktr_hf.data import (
     SYNTHETIC_CLASSES,
+    SYNTHETIC_CONFIGURATIONS,
     get_class_names,
     get_metadata,
     load_wsss_dataset,
@@ -79,3 +80,54 @@ def test_bad_parameters_are_refused():
         load_wsss_dataset("synthetic", num_classes=9, num_train=1, num_val=1)
     with pytest.raises(ValueError, match="at least 32 px"):
         load_wsss_dataset("synthetic", image_size=16, num_train=1, num_val=1)
+    with pytest.raises(ValueError, match="object_size"):
+        load_wsss_dataset("synthetic", object_size=(0.3, 0.2), num_train=1, num_val=1)
+    with pytest.raises(ValueError, match="clutter"):
+        load_wsss_dataset("synthetic", clutter=0, num_train=1, num_val=1)
+
+
+def _foreground_share_and_background_spread(**options):
+    rows = load_wsss_dataset("synthetic", split="val", image_size=64, num_val=24, seed=5, **options)
+    masks = np.stack([np.asarray(row["semantic_mask"]) for row in rows])
+    images = np.stack([np.asarray(row["image"], dtype=np.float32) for row in rows])
+    background = [image[mask == 0].std(axis=0).mean() for image, mask in zip(images, masks)]
+    return (masks > 0).mean(), float(np.mean(background))
+
+
+def test_small_cluttered_configuration_has_smaller_objects_on_busier_backgrounds():
+    share, spread = _foreground_share_and_background_spread()
+    small_share, busy_spread = _foreground_share_and_background_spread(**SYNTHETIC_CONFIGURATIONS["small-cluttered"])
+
+    assert small_share < 0.8 * share  # despite up to four objects instead of three
+    assert busy_spread > 1.5 * spread
+
+
+def test_eight_classes_configuration_uses_all_eight():
+    rows = load_wsss_dataset("synthetic", split="train", image_size=48, num_train=40, seed=1,
+                             **SYNTHETIC_CONFIGURATIONS["eight-classes"])  # fmt: skip
+
+    assert get_class_names(rows) == list(SYNTHETIC_CLASSES)
+    assert {label for labels in rows["labels"] for label in labels} == set(range(8))
+
+
+@pytest.mark.parametrize("texture_per_class", [True, False])
+def test_texture_follows_the_class_unless_shape_only(monkeypatch, texture_per_class):
+    """Record which texture each object is drawn with: its class's own, or any of the eight in shape-only mode."""
+    import weaktr_hf.data.synthetic as synthetic_module
+
+    drawn, mismatches, textures = [], 0, set()
+    original = synthetic_module._texture
+    monkeypatch.setattr(synthetic_module, "_texture", lambda kind, *rest: drawn.append(kind) or original(kind, *rest))
+    for i in range(12):
+        _, _, labels = synthetic_module.render_synthetic_sample(
+            np.random.default_rng(i), 48, 48, 4, texture_per_class=texture_per_class
+        )
+        assert len(drawn) == len(labels)
+        mismatches += sorted(drawn) != labels
+        textures |= set(drawn)
+        drawn.clear()
+
+    if texture_per_class:
+        assert mismatches == 0 and textures <= {0, 1, 2, 3}
+    else:
+        assert mismatches >= 6 and textures - {0, 1, 2, 3}  # textures of classes the set does not even have

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 from transformers import pipeline
 
 import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
+from weaktr_hf.data import get_class_names, get_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -57,6 +59,10 @@ def test_whole_recipe_writes_models_results_and_figures(finished_run):
     assert len(list((output_dir / "pseudo_labels_nocrf").glob("*.png"))) == NUM_TRAIN
     figures = sorted(path.name for path in (output_dir / "figures").glob("*.png"))
     assert any(name.startswith("cam_") for name in figures) and any(name.startswith("prediction_") for name in figures)
+    assert "summary.png" in figures
+    for name in figures:  # readable panels: at least 256 px even though the images are 32 px
+        with PIL.Image.open(output_dir / "figures" / name) as figure:
+            assert figure.height >= 256, name
     assert json.loads((output_dir / "cam_selection.json").read_text())["threshold"] in (0.3, 0.5)
 
 
@@ -113,6 +119,15 @@ def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monk
                   "license:"):  # fmt: skip
         assert field in front_matter
     assert "| segmentation, single scale (val) |" in card and "--push_to_hub" in card
+
+
+def test_synthetic_config_selects_the_variant_of_the_synthetic_set(script):
+    args = script.parse_args(["--synthetic_config", "eight-classes", "--synthetic_num_train", "2",
+                              "--synthetic_num_val", "1", "--synthetic_image_size", "32"])  # fmt: skip
+    dataset = script.load_data(args)
+
+    assert len(get_class_names(dataset)) == 8
+    assert get_metadata(dataset["train"])["synthetic"]["num_classes"] == 8
 
 
 def test_bad_preset_use_is_a_clear_error(script, capsys):

@@ -6,12 +6,15 @@ from PIL import Image
 
 from weaktr_hf.visualization import (
     PALETTE,
+    bar_chart,
+    class_legend,
     colorize_mask,
     jet_colormap,
     load_label_png,
     overlay_cam,
     save_label_png,
     side_by_side,
+    upscale,
 )
 
 
@@ -105,3 +108,32 @@ def test_side_by_side_places_panels_left_to_right():
     assert bottom[5 + 2 + 12 + 2 - 1].tolist() == [255, 255, 255]  # the gap
     with pytest.raises(ValueError, match="3 titles for 2 images"):
         side_by_side([photo, truth], titles=["a", "b", "c"])
+
+
+def test_upscale_is_nearest_by_an_integer_factor_and_keeps_labels():
+    mask = colorize_mask(np.tile(np.array([[0, 1], [2, 3]]), (1, 20)))  # 2 x 40
+    big = upscale(mask, 256)
+    assert big.size == (40 * 128, 2 * 128)
+    assert set(np.unique(np.asarray(big))) == {0, 1, 2, 3}  # no blended in-between labels
+    photo = Image.new("RGB", (300, 400))
+    assert upscale(photo, 256) is photo
+
+
+def test_side_by_side_enlarges_small_panels_and_adds_a_legend():
+    mask = np.zeros((64, 64), dtype=np.int64)
+    mask[:, 32:] = 2
+    picture = side_by_side([mask, mask], titles=["a", "b"], min_side=256, legend=["background", "disc", "square"])
+    pixels = np.asarray(picture)
+    assert picture.width == 2 * 256 + 4 and picture.height > 256
+    legend = pixels[-class_legend(["background", "disc", "square"], picture.width).height :]
+    for label in (0, 1, 2):  # every class colour appears as a swatch in the legend strip
+        assert (legend == PALETTE[label]).all(-1).any(), label
+
+
+def test_bar_chart_draws_bars_for_given_values_only():
+    chart = np.asarray(bar_chart({"a": 60.0, "b": 20.0, "c": None}, reference=40.0, size=(400, 300)))
+    above, below = (chart == (70, 130, 180)).all(-1), (chart == (214, 96, 77)).all(-1)
+    assert above.sum() > below.sum() > 0  # one bar above the reference, one below, taller first
+    assert above.any(0).sum() == below.any(0).sum()  # same bar width; the missing value got no bar
+    with pytest.raises(ValueError, match="at least one value"):
+        bar_chart({"a": None})

@@ -8,7 +8,7 @@ import os
 import uuid
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .labels import IGNORE_INDEX
 
@@ -29,6 +29,7 @@ def voc_palette(num_entries=256):
 
 
 PALETTE = voc_palette()
+FIGURE_MIN_SIDE = 256  # px: the shorter side of a figure panel, so that 64-px images stay readable
 
 
 def _as_label_array(mask, name="mask"):
@@ -102,10 +103,57 @@ def overlay_cam(image, cam, alpha=0.5):
     return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
 
 
-def side_by_side(images, titles=None, gap=4, background=(255, 255, 255)):
+def font(size=14):
+    """A scalable font of `size` px when Pillow has FreeType, else Pillow's small built-in bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def upscale(image, min_side=256):
+    """Enlarge an image by an integer factor with nearest-neighbour sampling until its shorter side is at least
+    `min_side` px: label maps keep their exact labels and pixels stay sharp. Larger images are returned as they are."""
+    factor = max(1, -(-min_side // max(1, min(image.size))))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def class_legend(class_names, width=None, text_size=14, gap=4):
+    """A strip of colour swatches with class names, label 0 first (the palette colours of `colorize_mask`), wrapped
+    into rows of at most `width` px."""
+    text_font = font(text_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch = text_size + 2
+    items = [(index, str(name), swatch + gap + measure.textbbox((0, 0), str(name), font=text_font)[2] + 3 * gap)
+             for index, name in enumerate(class_names)]  # fmt: skip
+    width = width or sum(item[2] for item in items)
+    rows, row, used = [], [], 0
+    for item in items:
+        if row and used + item[2] > width:
+            rows.append(row)
+            row, used = [], 0
+        row.append(item)
+        used += item[2]
+    rows.append(row)
+    line = swatch + gap
+    canvas = Image.new("RGB", (max(width, max(sum(i[2] for i in r) for r in rows)), line * len(rows) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row_index, row in enumerate(rows):
+        x, y = gap, gap + row_index * line
+        for index, name, item_width in row:
+            draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(int(c) for c in PALETTE[index]),
+                           outline=(0, 0, 0))  # fmt: skip
+            draw.text((x + swatch + gap, y), name, fill=(0, 0, 0), font=text_font)
+            x += item_width
+    return canvas
+
+
+def side_by_side(images, titles=None, gap=4, background=(255, 255, 255), min_side=None, legend=None):
     """Paste images left to right (e.g. image, prediction, ground truth) into one RGB picture, titles above them.
 
-    Items may be PIL images, uint8 RGB arrays, or 2-D label maps (coloured with `PALETTE`).
+    Items may be PIL images, uint8 RGB arrays, or 2-D label maps (coloured with `PALETTE`). With `min_side`, every
+    panel is enlarged (nearest neighbour, see `upscale`) to at least that many px; with `legend` (class names, label
+    0 first), a colour legend of the label maps goes underneath.
     """
     images = list(images)
     if not images:
@@ -120,21 +168,84 @@ def side_by_side(images, titles=None, gap=4, background=(255, 255, 255)):
             panels.append(colorize_mask(item).convert("RGB"))
         else:
             panels.append(Image.fromarray(_as_rgb_array(item), mode="RGB"))
+    if min_side:
+        panels = [upscale(panel, min_side) for panel in panels]
+    title_font = font(16) if min_side else None
     title_height = 0
     if titles is not None:
-        font_box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag")
+        font_box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=title_font)
         title_height = font_box[3] + gap
     width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
     height = max(panel.height for panel in panels) + title_height
-    canvas = Image.new("RGB", (width, height), background)
+    legend_image = class_legend(legend, width) if legend is not None else None
+    canvas = Image.new("RGB", (width, height + (legend_image.height if legend_image else 0)), background)
     draw = ImageDraw.Draw(canvas)
     x = 0
     for index, panel in enumerate(panels):
         if titles is not None:
-            draw.text((x, 0), str(titles[index]), fill=(0, 0, 0))
+            draw.text((x, 0), str(titles[index]), fill=(0, 0, 0), font=title_font)
         canvas.paste(panel, (x, title_height))
         x += panel.width + gap
+    if legend_image:
+        canvas.paste(legend_image, (0, height))
     return canvas
+
+
+def bar_chart(values, reference=None, reference_label="baseline", title=None, size=(720, 400), value_format="{:.1f}"):
+    """Vertical bars for `values` ({label: number}), each with its number on top, and an optional dashed
+    horizontal line at `reference` (e.g. a baseline). Missing values (None) are left out. Returns an RGB image."""
+    values = {str(label): float(value) for label, value in values.items() if value is not None}
+    if not values:
+        raise ValueError("bar_chart needs at least one value that is not None.")
+    width, height = size
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    text_font, small_font = font(15), font(12)
+    top = 34 if title or reference is not None else 12
+    bottom, left, right = 64, 44, 12
+    top_value = max([*values.values(), reference or 0.0]) * 1.15 or 1.0
+    plot_height = height - top - bottom
+
+    def y_of(value):
+        return top + plot_height * (1 - value / top_value)
+
+    if title:
+        draw.text((left, 8), title, fill=(0, 0, 0), font=text_font)
+    draw.line((left, top, left, height - bottom), fill=(0, 0, 0))
+    draw.line((left, height - bottom, width - right, height - bottom), fill=(0, 0, 0))
+    step = 10 ** np.floor(np.log10(top_value / 2))
+    step *= 1 if top_value / step >= 4 else 0.5 if top_value / step >= 2 else 0.2  # 4 to 10 round ticks
+    for tick in np.arange(step, top_value, step):
+        draw.line((left - 4, y_of(tick), left, y_of(tick)), fill=(0, 0, 0))
+        draw.text((2, y_of(tick) - 7), f"{tick:g}", fill=(0, 0, 0), font=small_font)
+    slot = (width - left - right) / len(values)
+    for index, (label, value) in enumerate(values.items()):
+        x0, x1 = left + slot * (index + 0.15), left + slot * (index + 0.85)
+        above = reference is None or value >= reference
+        draw.rectangle((x0, y_of(max(value, 0.0)), x1, height - bottom), fill=(70, 130, 180) if above else (214, 96, 77))
+        draw.text(((x0 + x1) / 2, y_of(max(value, 0.0)) - 4), value_format.format(value), fill=(0, 0, 0),
+                  font=small_font, anchor="mb")  # fmt: skip
+        for line_index, part in enumerate(_wrap(label, max(4, int(slot / 7)))[:3]):
+            draw.text(((x0 + x1) / 2, height - bottom + 4 + 14 * line_index), part, fill=(0, 0, 0), font=small_font,
+                      anchor="ma")  # fmt: skip
+    if reference is not None:
+        for y, x_start, x_end in ((y_of(reference), left, width - right), (16, width - right - 230, width - right - 190)):
+            for x in range(x_start, x_end, 12):
+                draw.line((x, y, min(x + 6, x_end), y), fill=(0, 0, 0), width=2)
+        draw.text((width - right - 184, 8), f"{reference_label} ({value_format.format(reference)})", fill=(0, 0, 0),
+                  font=small_font)  # fmt: skip
+    return canvas
+
+
+def _wrap(text, characters):
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > characters:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
 
 
 def save_label_png(path, mask):

@@ -26,6 +26,7 @@ from .schema import (
 )
 from .synthetic import (
     SYNTHETIC_CLASSES,
+    SYNTHETIC_CONFIGURATIONS,
     load_synthetic,
     make_synthetic_split,
     trivial_baseline_miou,
@@ -100,6 +101,7 @@ def load_wsss_dataset(source="synthetic", split=None, streaming=False, **kwargs)
 __all__ = [
     "IMAGE_IDS_KEY",
     "SYNTHETIC_CLASSES",
+    "SYNTHETIC_CONFIGURATIONS",
     "BadSampleError",
     "CAMCollator",
     "CAMTrainTransform",

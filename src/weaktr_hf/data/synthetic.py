@@ -14,6 +14,11 @@ A colour-threshold baseline (`trivial_baseline_miou`) therefore finds objects on
 apart; it scores well below 1.0 mIoU. The textures have periods of 4-8 px, so they are distinct within one 8-px
 patch, and objects cover a good part of the image, so a small ViT trained from scratch can learn the classes.
 
+Options vary the set so a recipe can be checked on more than one: more classes (up to eight), the objects' size and
+count, the clutter level of the background (textured distractors included), and `texture_per_class=False`, where
+every object gets a random class's texture so only its shape tells the class. `SYNTHETIC_CONFIGURATIONS` names the
+combinations the demo is measured on.
+
 ==========  ================================
 class       texture
 ==========  ================================
@@ -38,6 +43,15 @@ from .schema import get_class_names, mask_to_array, metadata_description, wsss_f
 
 SYNTHETIC_CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "bar")
 SYNTHETIC_SPLITS = ("train", "val")
+# Named variants of the built-in set (options of `load_synthetic`), to check that a recipe is not tuned to one set:
+# "default" is the built-in set; the others change the number of classes, the objects' size and the clutter, or
+# drop the texture that goes with each class.
+SYNTHETIC_CONFIGURATIONS = {
+    "default": {},
+    "eight-classes": {"num_classes": 8},
+    "small-cluttered": {"object_size": (0.14, 0.28), "max_objects": 4, "clutter": 3},
+    "shape-only": {"texture_per_class": False},
+}
 MIN_VISIBLE_FRACTION = 0.4  # of an object's own area, after occlusion by later objects
 MIN_TEXTURE_CONTRAST = 0.3  # luminance difference of a texture's two colours, on a 0..1 scale
 BASELINE_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.65, 0.05), 2))
@@ -117,39 +131,55 @@ def _texture_colours(rng):
     return first, second
 
 
-def _background(rng, height, width, yy, xx):
-    """Smooth random colour field with noise, low-contrast distractor blobs and thin clutter lines."""
+def _ellipse(rng, height, width, yy, xx):
+    """A random ellipse (5-20% of the shorter side per semi-axis): its bounding box and its mask inside the box."""
+    side = min(height, width)
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    ay, ax = rng.uniform(0.05, 0.2, 2) * side
+    angle = rng.uniform(0, np.pi)
+    reach = max(ay, ax)  # work in the blob's bounding box only
+    box = (
+        slice(max(int(cy - reach), 0), int(cy + reach) + 1),
+        slice(max(int(cx - reach), 0), int(cx + reach) + 1),
+    )
+    dx, dy = xx[box] - cx, yy[box] - cy
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / ax
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ay
+    return box, u**2 + v**2 <= 1
+
+
+def _background(rng, height, width, yy, xx, clutter=1):
+    """Smooth random colour field with noise, distractor blobs and thin clutter lines.
+
+    At `clutter` 1 the blobs are close to the background colour; level c draws c times as many blobs and lines with
+    c times their contrast, and adds c - 1 ellipses filled with a class texture (a texture without its shape).
+    """
     base = rng.uniform(0.2, 0.8, 3).astype(np.float32)
     image = base + 0.10 * _smooth_field(rng, height, width, 3, 3) + 0.05 * _smooth_field(rng, height, width, 10, 3)
     side = min(height, width)
-    for _ in range(rng.integers(2, 6)):  # distractor blobs: ellipses close to the background colour
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ay, ax = rng.uniform(0.05, 0.2, 2) * side
-        angle = rng.uniform(0, np.pi)
-        reach = max(ay, ax)  # work in the blob's bounding box only
-        box = (
-            slice(max(int(cy - reach), 0), int(cy + reach) + 1),
-            slice(max(int(cx - reach), 0), int(cx + reach) + 1),
-        )
-        dx, dy = xx[box] - cx, yy[box] - cy
-        u = (dx * np.cos(angle) + dy * np.sin(angle)) / ax
-        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ay
-        image[box][u**2 + v**2 <= 1] += rng.normal(0, 0.08, 3).astype(np.float32)
-    for _ in range(rng.integers(1, 4)):  # clutter lines, 1-2 px wide
+    for _ in range(rng.integers(2 * clutter, 4 * clutter + 2)):  # distractor blobs: ellipses
+        box, inside = _ellipse(rng, height, width, yy, xx)
+        image[box][inside] += rng.normal(0, 0.08 * clutter, 3).astype(np.float32)
+    for _ in range(rng.integers(1, 3 * clutter + 1)):  # clutter lines, 1-2 px wide
         angle = rng.uniform(0, np.pi)
         offset = rng.uniform(-0.5, 0.5) * side
         distance = (xx - width / 2) * np.sin(angle) - (yy - height / 2) * np.cos(angle) - offset
-        image[np.abs(distance) <= rng.uniform(0.5, 1.0)] += rng.normal(0, 0.12, 3).astype(np.float32)
+        image[np.abs(distance) <= rng.uniform(0.5, 1.0)] += rng.normal(0, 0.12 * clutter, 3).astype(np.float32)
+    for _ in range(clutter - 1):  # textured distractors: a class texture in a shape no class has
+        box, inside = _ellipse(rng, height, width, yy, xx)
+        first, second = _texture_colours(rng)
+        pattern = _texture(int(rng.integers(len(SYNTHETIC_CLASSES))), rng, yy[box], xx[box])
+        image[box][inside] = np.where(pattern[inside][:, None], first, second)
     return image
 
 
-def _layout(rng, height, width, classes, yy, xx):
+def _layout(rng, height, width, classes, yy, xx, object_size=(0.2, 0.35)):
     """Shapes of the objects (drawn in order, later ones in front) and the instance map, or None if too occluded."""
     side = min(height, width)
     instance = np.full((height, width), -1, dtype=np.int64)
     shapes = []
     for j, kind in enumerate(classes):
-        radius = rng.uniform(0.2, 0.35) * side
+        radius = rng.uniform(*object_size) * side
         cy = rng.uniform(0.5 * radius, height - 0.5 * radius)
         cx = rng.uniform(0.5 * radius, width - 0.5 * radius)
         angle = rng.uniform(0, 2 * np.pi)
@@ -165,15 +195,22 @@ def _layout(rng, height, width, classes, yy, xx):
     return shapes, instance
 
 
-def render_synthetic_sample(rng, height, width, num_classes, max_objects=3):
-    """One image (uint8 RGB), its mask (0 background, k + 1 class k) and its sorted labels, drawn from `rng`."""
+def render_synthetic_sample(
+    rng, height, width, num_classes, max_objects=3, object_size=(0.2, 0.35), clutter=1, texture_per_class=True
+):
+    """One image (uint8 RGB), its mask (0 background, k + 1 class k) and its sorted labels, drawn from `rng`.
+
+    `object_size` is the range of an object's radius as a fraction of the shorter side, `clutter` the background's
+    clutter level (1 = the built-in set), and `texture_per_class=False` gives each object the texture of a random
+    class of all eight, so that only the shape tells the class.
+    """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = _background(rng, height, width, yy, xx)
+    image = _background(rng, height, width, yy, xx, clutter)
     count = min(int(rng.integers(1, max_objects + 1)), num_classes)
     classes = rng.choice(num_classes, size=count, replace=False)
     layout = None
     for _ in range(50):
-        layout = _layout(rng, height, width, classes, yy, xx)
+        layout = _layout(rng, height, width, classes, yy, xx, object_size)
         if layout is not None:
             break
         if len(classes) > 1 and _ == 24:  # a crowded draw keeps failing: try with one object fewer
@@ -185,7 +222,8 @@ def render_synthetic_sample(rng, height, width, num_classes, max_objects=3):
     for j, kind in enumerate(classes):
         visible = np.nonzero(instance == j)
         first, second = _texture_colours(rng)
-        pattern = _texture(kind, rng, yy, xx)[visible]
+        texture = kind if texture_per_class else int(rng.integers(len(SYNTHETIC_CLASSES)))
+        pattern = _texture(texture, rng, yy, xx)[visible]
         direction = rng.uniform(0, 2 * np.pi)  # soft shading across the object
         shading = 1 + 0.15 * (
             np.cos(direction) * (xx[visible] / width - 0.5) + np.sin(direction) * (yy[visible] / height - 0.5)
@@ -215,11 +253,16 @@ def _sizes(image_size):
     return int(low), int(high)
 
 
-def make_synthetic_split(split, num_samples, num_classes=4, image_size=96, seed=0, max_objects=3):
+def make_synthetic_split(
+    split, num_samples, num_classes=4, image_size=96, seed=0, max_objects=3, object_size=(0.2, 0.35), clutter=1,
+    texture_per_class=True,
+):  # fmt: skip
     """One split of the synthetic dataset as a `datasets.Dataset` in the WSSS schema.
 
     Sample i of a split depends only on (seed, split, i): a larger split extends a smaller one, and train and val
-    never share a sample. `image_size` is a side length or a (min, max) range for each side.
+    never share a sample. `image_size` is a side length or a (min, max) range for each side; `object_size`,
+    `clutter` and `texture_per_class` are described in `render_synthetic_sample` (`SYNTHETIC_CONFIGURATIONS` names
+    a few combinations).
     """
     if split not in SYNTHETIC_SPLITS:
         raise ValueError(f"synthetic splits are {SYNTHETIC_SPLITS}, got {split!r}.")
@@ -227,6 +270,10 @@ def make_synthetic_split(split, num_samples, num_classes=4, image_size=96, seed=
         raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}.")
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}.")
+    if not 0 < object_size[0] <= object_size[1] <= 0.5:
+        raise ValueError(f"object_size must be a (min, max) radius fraction with 0 < min <= max <= 0.5, got {object_size}.")
+    if int(clutter) != clutter or clutter < 1:
+        raise ValueError(f"clutter must be an integer level >= 1 (1 is the built-in set), got {clutter}.")
     low, high = _sizes(image_size)
     if low < 32:
         raise ValueError(f"image_size must be at least 32 px so the textures are visible, got {image_size}.")
@@ -234,13 +281,18 @@ def make_synthetic_split(split, num_samples, num_classes=4, image_size=96, seed=
     for i in range(num_samples):
         rng = np.random.default_rng([seed, SYNTHETIC_SPLITS.index(split), i])
         height, width = (int(v) for v in rng.integers(low, high + 1, 2))
-        image, mask, labels = render_synthetic_sample(rng, height, width, num_classes, max_objects)
+        image, mask, labels = render_synthetic_sample(
+            rng, height, width, num_classes, max_objects, object_size, int(clutter), texture_per_class
+        )
         columns["image"].append(_png(image, compress_level=0))  # noisy images barely compress; save the time
         columns["semantic_mask"].append(_png(mask, compress_level=1))
         columns["labels"].append(labels)
         columns["id"].append(f"synthetic_{split}_{i:06d}")
     names = SYNTHETIC_CLASSES[:num_classes]
-    parameters = {"num_classes": num_classes, "image_size": image_size, "seed": seed, "max_objects": max_objects}
+    parameters = {
+        "num_classes": num_classes, "image_size": image_size, "seed": seed, "max_objects": max_objects,
+        "object_size": list(object_size), "clutter": int(clutter), "texture_per_class": texture_per_class,
+    }  # fmt: skip
     info = datasets.DatasetInfo(
         description=metadata_description(names, source="synthetic", synthetic=parameters),
         features=wsss_features(names),
@@ -248,15 +300,15 @@ def make_synthetic_split(split, num_samples, num_classes=4, image_size=96, seed=
     return datasets.Dataset.from_dict(columns, info=info, split=split)
 
 
-def load_synthetic(split=None, num_classes=4, image_size=96, num_train=1000, num_val=200, seed=0, max_objects=3):
-    """The synthetic WSSS dataset: a `DatasetDict` with `train` and `val`, or one `Dataset` for one split name."""
+def load_synthetic(split=None, num_classes=4, image_size=96, num_train=1000, num_val=200, seed=0, **options):
+    """The synthetic WSSS dataset: a `DatasetDict` with `train` and `val`, or one `Dataset` for one split name.
+
+    `options` (`max_objects`, `object_size`, `clutter`, `texture_per_class`) go to `make_synthetic_split`.
+    """
     sizes = {"train": num_train, "val": num_val}
     splits = SYNTHETIC_SPLITS if split is None else ([split] if isinstance(split, str) else list(split))
     result = datasets.DatasetDict(
-        {
-            name: make_synthetic_split(name, sizes.get(name, 0), num_classes, image_size, seed, max_objects)
-            for name in splits
-        }
+        {name: make_synthetic_split(name, sizes.get(name, 0), num_classes, image_size, seed, **options) for name in splits}
     )
     return result[split] if isinstance(split, str) else result
 
