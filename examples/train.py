@@ -166,6 +166,7 @@ PRESETS["voc12-deit-s"] = dict(
     **DEIT_S, **AUTHORS_STEP1, **AUTHORS_STEP2,
     train_split="train_aug",  # datasets.py:105; Training.md:23
     cam_eval_split="train",  # voc12/train_id.txt, the 1,464 VOC train images (Training.md:11)
+    pseudo_label_eval_split="train",  # pseudo-label mIoU also on VOC train, as reported (evaluation.py --list, Training.md:32)
     cam_threshold=0.43,  # --t 43 (Training.md:45)
     cam_scales=(1.0, 1.2),  # Training.md:24
     crf="voc12",  # crf_inference_label (tool/imutils.py:4-20)
@@ -177,7 +178,7 @@ PRESETS["coco14-deit-s"] = dict(
     train_split="train",  # coco/train_id.txt, 82,081 images (datasets.py:37; Training.md:67)
     coco_id_layout="raw",  # 90 class tokens on raw category ids (datasets.py:184-189)
     # coco/train_1250_id.txt: the first 1,250 train ids in annotation-file order (Training.md:55).
-    cam_eval_split=None, cam_eval_samples=1250, cam_eval_order="annotation_file",
+    cam_eval_split=None, cam_eval_samples=1250, cam_eval_order="annotation_file", pseudo_label_eval_split=None,
     cam_threshold=0.42,  # --t 42 (Training.md:82)
     cam_scales=(1.0, 0.8, 1.2),  # Training.md:68
     crf="coco14",  # crf_inference_label_coco (tool/imutils.py:22-38)
@@ -362,7 +363,7 @@ def check_pretrained_init(args, parser):
     if missing and args.preset != "demo" and not args.allow_random_init and not args.print_config:
         parser.error(f"--preset {args.preset}: " + "; ".join(missing) + ". Without them training would start from "
                      "random weights; pass --allow_random_init to do that anyway.")  # fmt: skip
-    if args.seg_init == "backbone" and not args.backbone:
+    if args.seg_init == "backbone" and not args.backbone and not args.print_config:
         args.seg_init = "scratch"
 
 
@@ -560,7 +561,8 @@ def coco_annotation_order(dataset, split_name):
     with open(coco_annotation_file(root, split_name), encoding="utf-8") as handle:
         images = json.load(handle)["images"]
     known = set(dataset["id"])
-    return [str(image["id"]) for image in images if str(image["id"]) in known]
+    ordered = [f"{image['id']:012d}" for image in images]  # the loader's ids
+    return [sample_id for sample_id in ordered if sample_id in known]
 
 
 def cam_selection_subset(args, dataset):

@@ -136,20 +136,55 @@ def test_bad_preset_use_is_a_clear_error(script, capsys):
     assert "needs --dataset_path" in capsys.readouterr().err
 
 
-def test_two_processes_train_cams_and_shard_pseudo_labels(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` (on a CPU-only machine: two gloo processes): the cam stage,
-    then the pseudo-label stage writes each image exactly once."""
+def logged_scalars(output_dir, tag):
+    """(step, value) of every `tag` event tensorboard wrote under `output_dir`, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for event_file in Path(output_dir).rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            events += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return sorted(events)
+
+
+# Global batches (4 images per update whatever the number of processes) and the authors' per-epoch step-1 schedule.
+PER_DEVICE_FLAGS = ("--per_device_train_batch_size", "--seg_per_device_train_batch_size")
+TINY_GLOBAL = [flag for i, flag in enumerate(TINY) if flag not in PER_DEVICE_FLAGS and TINY[i - 1] not in PER_DEVICE_FLAGS]
+TINY_GLOBAL += ["--total_train_batch_size", "4", "--seg_total_train_batch_size", "4", "--cam_lr_schedule", "epoch",
+                "--warmup_epochs", "1", "--warmup_learning_rate", "1e-5", "--min_learning_rate", "1e-4",
+                "--seg_min_learning_rate", "1e-3", "--with_tracking", "--logging_steps", "1", "--num_visualizations",
+                "0"]  # fmt: skip
+
+
+def test_two_processes_make_the_updates_of_one_and_shard_pseudo_labels(script, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (on a CPU-only machine: two gloo processes) makes the same
+    number of optimizer updates, at the same lr per update, as one process with the same global batch; the
+    pseudo-label stage writes each image exactly once."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    two = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "examples" / "train.py"), "--output_dir", str(tmp_path), *TINY, "--num_train_epochs", "1"]  # fmt: skip
-    for stage in ("cam", "pseudo"):
-        done = subprocess.run([*command, "--stage", stage], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "all_results.json").read_text())
+               str(ROOT / "examples" / "train.py"), "--output_dir", str(two), *TINY_GLOBAL]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((two / "all_results.json").read_text())
     assert results["pseudo_labels_written_per_process"] == [NUM_TRAIN // 2, NUM_TRAIN // 2]
-    assert len(list((tmp_path / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+    assert len(list((two / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+
+    one = tmp_path / "one"
+    script.main(["--output_dir", str(one), *TINY_GLOBAL])
+    single = json.loads((one / "all_results.json").read_text())
+    # 12 images in global batches of 4: 3 updates per epoch, 2 step-1 epochs and 1 step-2 epoch.
+    assert single["cam_train_steps"] == results["cam_train_steps"] == 6
+    assert single["seg_train_steps"] == results["seg_train_steps"] == 3
+    for tag in ("cam/lr", "seg/lr"):
+        lrs_one, lrs_two = logged_scalars(one, tag), logged_scalars(two, tag)
+        assert [step for step, _ in lrs_one] == list(range(1, 1 + single[f"{tag[:-3]}_train_steps"]))
+        assert lrs_two == pytest.approx(lrs_one)
+        assert len({lr for _, lr in lrs_one}) > 1  # the schedule moves, so equal lists mean something
 
 
 def test_tracking_logs_the_three_cam_losses_lr_and_selection_miou(script, tmp_path):
