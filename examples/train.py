@@ -47,6 +47,7 @@ from weaktr_hf.data import (
     trivial_baseline_miou,
 )
 from weaktr_hf.data.coco import is_coco_root
+from weaktr_hf.data.voc import find_voc_root
 from weaktr_hf.evaluation import evaluate_cams, evaluate_segmentation
 from weaktr_hf.hub import push_folder_to_hub, render_model_card
 from weaktr_hf.inference import generate_cams
@@ -121,6 +122,8 @@ AUTHORS_STEP1 = dict(
     aaf_reduction=8,  # --reduction 8 (docs/Training.md:14); AAF max pooling (Training.md:15) is the config default
     aaf_feat_reduction=8,  # main.py:62
     cam_head_init="pytorch",  # conv head and AAF keep PyTorch's default init (models.py:24-26, 41; AAF.py:12-22)
+    layer_norm_eps=1e-6,  # norm_layer=partial(nn.LayerNorm, eps=1e-6) (models.py:151)
+    cam_drop_last=True,  # drop_last=True (main.py:251)
     cam_image_size=224,  # main.py:52
     cam_augment="timm",  # timm create_transform, rand-m9-mstd0.5-inc1, re 0.25 (datasets.py:198-207; main.py:106-124)
     total_train_batch_size=64,  # global batch, divided over processes (main.py:33, 210)
@@ -140,6 +143,7 @@ AUTHORS_STEP1 = dict(
     pseudo_label_cam="fine_cam", cam_flip=True, cam_sweep_thresholds=(0.40, 0.45, 0.50, 0.55, 0.60),
 )  # fmt: skip
 AUTHORS_STEP2 = dict(
+    seg_layer_norm_eps=1e-5,  # nn.LayerNorm defaults in the step-2 ViT (OR/model/blocks.py:84; OR/model/vit.py:89)
     seg_init="backbone",  # ImageNet weights, pos 14 -> 30 bilinear (OR/model/factory.py:95-96; OR/model/utils.py:22-40)
     seg_image_size=480, seg_crop_size=480,  # crop 480 (OR/config.yml:182)
     seg_base_size=520,  # im_size 520 (OR/config.yml:181): short side 520 x ratio in [0.5, 2] (OR/data/base.py:58-66)
@@ -194,12 +198,13 @@ FALLBACKS = dict(
     # Package defaults where the authors' recipe is not the point (the demo): a per-update cosine from 0 to 0 and a
     # poly decay to 0, decay-free biases and tokens, scales applied to the native image, no eval CRF or ensemble.
     cam_lr_schedule="step", warmup_learning_rate=0.0, min_learning_rate=0.0, decay_all_parameters=False,
-    cam_head_init="default", cam_eval_split=None, cam_eval_order="dataset", cam_eval_ids=None,
+    cam_head_init="default", layer_norm_eps=None, seg_layer_norm_eps=None, cam_drop_last=False, cam_eval_split=None,
+    cam_eval_order="dataset", cam_eval_ids=None,
     cam_eval_scales=None, cam_eval_flip=False, cam_selection_thresholds=None, cam_selection_early_stop=False,
     seg_min_learning_rate=0.0, seg_nesterov=False, seg_momentum=0.9, seg_max_ratio=4, seg_antialias=True,
     seg_image_mean=tuple(IMAGENET_DEFAULT_MEAN), seg_image_std=tuple(IMAGENET_DEFAULT_STD),
     eval_base_size=None, eval_min_size=None, eval_aux_weight=0.0, eval_crf=None, eval_ids=None,
-    coco_id_layout="contiguous", image_labels_file=None, pseudo_label_eval_split=None,
+    coco_id_layout="contiguous", voc_labels_from="auto", image_labels_file=None, pseudo_label_eval_split=None,
 )  # fmt: skip
 
 
@@ -232,6 +237,9 @@ def parse_args(argv=None):
     add("--min_learning_rate", type=float, help="step-1 cosine floor")
     add("--cam_lr_schedule", choices=("epoch", "step"),
         help="timm cosine stepped after each epoch (the authors') or after each update")
+    add("--layer_norm_eps", type=float, help="step-1 encoder LayerNorm eps (default 1e-6 with --backbone, else 1e-5)")
+    add("--seg_layer_norm_eps", type=float, help="step-2 encoder LayerNorm eps (default as step 1)")
+    add("--cam_drop_last", type=_bool, help="drop the last incomplete step-1 batch of each epoch (the authors')")
     add("--cam_head_init", choices=("pytorch", "default"),
         help="init of the CAM conv head and the attention fusion: PyTorch's defaults (the authors') or trunc-normal")
     add("--gradient_accumulation_steps", type=int)
@@ -259,6 +267,8 @@ def parse_args(argv=None):
     add("--pseudo_label_eval_split", help="also score the pseudo-labels on the images of this split (VOC: train)")
     add("--coco_id_layout", choices=("raw", "contiguous"),
         help="COCO classes: 90 raw category ids (the authors') or 80 contiguous ones")
+    add("--voc_labels_from", choices=("auto", "mask", "xml"),
+        help="VOC image-level labels: the mask's classes where a mask exists (auto), the masks, or the XML objects")
     add("--image_labels_file", help="image-level labels from a .npy dict {id: multi-hot} (the authors' cls_labels.npy)")
     # Model size (presets set them; override for experiments).
     for name in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -447,8 +457,12 @@ def load_data(args):
         )  # fmt: skip
     else:
         path = os.path.expanduser(str(args.dataset_path))
-        coco = os.path.isdir(path) and is_coco_root(path)
-        dataset = load_wsss_dataset(args.dataset_path, **({"id_layout": args.coco_id_layout} if coco else {}))
+        options = {}
+        if os.path.isdir(path) and find_voc_root(path) is not None:
+            options = {"labels_from": args.voc_labels_from}
+        elif os.path.isdir(path) and is_coco_root(path):
+            options = {"id_layout": args.coco_id_layout}
+        dataset = load_wsss_dataset(args.dataset_path, **options)
     if args.image_labels_file:
         dataset = with_image_labels_file(dataset, args.image_labels_file)
     return dataset
@@ -479,7 +493,7 @@ def split(dataset, name):
     return dataset[name]
 
 
-def model_config(args, id2label, image_size):
+def model_config(args, id2label, image_size, layer_norm_eps=None):
     return WeakTrConfig(
         image_size=image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
@@ -491,7 +505,7 @@ def model_config(args, id2label, image_size):
         decoder_hidden_dropout_prob=args.decoder_hidden_dropout_prob,
         use_gradient_clipping=args.use_gradient_clipping, clip_start_value=args.clip_start_value,
         clip_window_size=args.clip_window_size, id2label=id2label,
-        layer_norm_eps=1e-6 if args.backbone else 1e-5,
+        layer_norm_eps=layer_norm_eps or (1e-6 if args.backbone else 1e-5),
     )  # fmt: skip
 
 
@@ -505,16 +519,20 @@ def encoder_state_from_cam(cam_model):
     return state
 
 
-def make_loader(dataset, transform, collator, batch_size, seed, num_workers, shuffle=True):
+def make_loader(dataset, transform, collator, batch_size, seed, num_workers, shuffle=True, drop_last=False):
     return DataLoader(
         SeededTransformDataset(dataset, transform, seed=seed), batch_size=batch_size, shuffle=shuffle,
-        collate_fn=collator, num_workers=num_workers, generator=torch.Generator().manual_seed(seed), drop_last=False,
+        collate_fn=collator, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+        drop_last=drop_last,
     )  # fmt: skip
 
 
 def training_steps(loader, epochs, max_steps, accumulation):
     """(updates, updates per epoch) of a loader; called on the prepared (sharded) loader, so both count updates of
     the global batch, the same on any number of processes."""
+    if len(loader) == 0:
+        raise ValueError("The training split holds fewer images than one global batch (with --cam_drop_last); use a "
+                         "smaller batch or more images.")  # fmt: skip
     steps_per_epoch = math.ceil(len(loader) / accumulation)
     return max_steps or epochs * steps_per_epoch, steps_per_epoch
 
@@ -598,7 +616,9 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     if args.cam_model_name_or_path:
         model = WeakTrForCAM.from_pretrained(args.cam_model_name_or_path)
     else:
-        model = WeakTrForCAM(model_config(args, foreground_id2label(class_names), args.cam_image_size))
+        model = WeakTrForCAM(
+            model_config(args, foreground_id2label(class_names), args.cam_image_size, args.layer_norm_eps)
+        )
         if args.cam_head_init == "pytorch":
             reset_cam_head_to_pytorch_init(model)
         if args.backbone:
@@ -608,7 +628,7 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     processor = WeakTrImageProcessor(size={"height": args.cam_image_size, "width": args.cam_image_size})
     transform = CAMTrainTransform(args.cam_image_size, augment=args.cam_augment)
     loader = make_loader(train, transform, CAMCollator(len(class_names)), args.per_device_train_batch_size,
-                         args.seed, args.dataloader_num_workers)  # fmt: skip
+                         args.seed, args.dataloader_num_workers, drop_last=args.cam_drop_last)  # fmt: skip
     optimizer = build_cam_optimizer(model, args.learning_rate, args.weight_decay,
                                     decay_all_parameters=args.decay_all_parameters)  # fmt: skip
     model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -732,7 +752,7 @@ def seg_stage(args, accelerator, dataset, class_names, results):
     """Step 2: train the segmenter on the pseudo-labels (gradient clipping on), save it with its processor."""
     train = pseudo_label_dataset(split(dataset, args.train_split), os.path.join(args.output_dir, "pseudo_labels"))
     model = WeakTrForSemanticSegmentation(
-        model_config(args, segmentation_id2label(class_names), args.seg_image_size)
+        model_config(args, segmentation_id2label(class_names), args.seg_image_size, args.seg_layer_norm_eps)
     )
     if args.seg_init == "backbone":
         load_timm_backbone(model, args.backbone)

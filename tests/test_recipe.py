@@ -44,7 +44,7 @@ AUTHORS = {
         "clip_start_value": 1.2, "clip_window_size": 120, "window_size": 480, "window_stride": 320,
         "eval_scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "eval_base_size": 520, "eval_min_size": 480,
         "eval_crf": "voc12", "eval_aux_weight": 0.8, "coco_id_layout": "contiguous",
-        "pseudo_label_eval_split": "train",
+        "pseudo_label_eval_split": "train", "layer_norm_eps": 1e-6, "seg_layer_norm_eps": 1e-5, "cam_drop_last": True,
     },
 }  # fmt: skip
 AUTHORS["coco14-deit-s"] = {
