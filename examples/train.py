@@ -826,6 +826,8 @@ def eval_stage(args, accelerator, dataset, class_names, results):
     )  # fmt: skip
     if crf is not None:
         results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
+    if "final_only" in multi:  # the ensemble's final decoder output alone, from the same passes
+        results["seg_val_miou_ms_flip_final_only"] = multi["final_only"]["mean_iou"]
     if accelerator.is_main_process:
         save_cam_overlays(args, split(dataset, args.train_split), figures, class_names)
 
@@ -884,6 +886,7 @@ TABLE_ROWS = (
     ("pseudo-labels, CRF (VOC train)", "pseudo_label_crf_miou_train"),
     ("segmentation, single scale (val)", "seg_val_miou"),
     ("segmentation, multi-scale + flip (val)", "seg_val_miou_ms_flip"),
+    ("segmentation, multi-scale + flip, final decoder output only (val)", "seg_val_miou_ms_flip_final_only"),
     ("segmentation, multi-scale + flip + CRF (val)", "seg_val_miou_ms_flip_crf"),
 )
 

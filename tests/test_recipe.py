@@ -257,6 +257,8 @@ def test_eval_crf_gets_the_preset_parameters_and_only_present_classes(script, te
     scores = evaluate_segmentation(model, dataset, window_size=16, window_stride=8, crf=dict(crf), aux_weight=0.8,
                                    show_progress=False, on_prediction=lambda i, e, p: predictions.append(p))  # fmt: skip
     assert len(calls) == len(dataset) and "crf" in scores and 0 <= scores["crf"]["mean_iou"] <= 1
+    final_only = evaluate_segmentation(model, dataset, window_size=16, window_stride=8, show_progress=False)
+    assert scores["final_only"]["mean_iou"] == pytest.approx(final_only["mean_iou"])
     for (probs, parameters), example, prediction in zip(calls, dataset, predictions):
         assert parameters == dict(crf)
         pixel_values = script.WeakTrImageProcessor(do_resize=False, do_pad=False)(

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.schema import mask_to_array
-from .inference import cams_to_labels, generate_cams, segment
+from .inference import _segment_heads, cams_to_labels, generate_cams
 from .metrics import ConfusionMatrix
 from .pseudo_labels import _default_image_transform, _uint8_image
 
@@ -125,12 +125,14 @@ def evaluate_segmentation(
     on their unnormalised ensemble `aux_weight x P1 + P2`), and both scores are returned.
 
     Returns the metric dict of `ConfusionMatrix.compute()` (`mean_iou`, `per_category_iou`, `overall_accuracy`, ...)
-    of the plain prediction; with `crf` it also holds `"crf"`: the same dict for the CRF-refined prediction.
+    of the prediction; with `crf` it also holds `"crf"`: the same dict for the CRF-refined prediction, and with
+    `aux_weight > 0` `"final_only"`: the dict of the final decoder output alone (the same forward passes).
     `on_prediction(index, example, prediction)` is called for each scored sample (e.g. to save a few PNGs) with the
     final (CRF-refined when `crf` is given) prediction.
     """
     transform = image_transform or _default_image_transform()
-    matrices = [ConfusionMatrix(model.config.num_labels) for _ in range(2 if crf is not None else 1)]
+    names = ["main"] + (["crf"] if crf is not None else []) + (["final_only"] if aux_weight > 0 else [])
+    matrices = {name: ConfusionMatrix(model.config.num_labels) for name in names}
     device = next(model.parameters()).device
     indices = _shard(dataset, accelerator, max_samples)
     main = accelerator is None or accelerator.is_local_main_process
@@ -138,25 +140,27 @@ def evaluate_segmentation(
         example = dataset[index]
         reference = _reference(example)
         pixel_values = transform(example["image"]).unsqueeze(0).to(device)
-        probabilities = segment(
-            model, pixel_values, window_size, window_stride, scales=scales, flip=flip, base_size=base_size,
-            min_size=min_size, aux_weight=aux_weight,
-        )[0]  # fmt: skip
+        final, aux = _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, 4, base_size,
+                                    min_size, aux=aux_weight > 0)  # fmt: skip
+        probabilities = (final if aux is None else (final + aux_weight * aux) / (1.0 + aux_weight))[0]
         prediction = probabilities.argmax(0).cpu().numpy()
-        matrices[0].update(prediction, reference)
+        matrices["main"].update(prediction, reference)
+        if aux is not None:
+            matrices["final_only"].update(final[0].argmax(0).cpu().numpy(), reference)
         if crf is not None:
             from .crf import crf_refine_present_classes
 
             # The authors' CRF sees aux_weight x P1 + P2 unnormalised (its unary clips probabilities at 1).
             ensemble = probabilities.float().cpu().numpy() * (1.0 + aux_weight)
             prediction = crf_refine_present_classes(_uint8_image(example["image"]), ensemble, **crf)
-            matrices[1].update(prediction, reference)
+            matrices["crf"].update(prediction, reference)
         if on_prediction is not None:
             on_prediction(index, example, prediction)
-    results = [matrix.compute() for matrix in _sum_across_processes(matrices, accelerator)]
-    if crf is not None:
-        results[0]["crf"] = results[1]
-    return results[0]
+    summed = _sum_across_processes(list(matrices.values()), accelerator)
+    results = {name: matrix.compute() for name, matrix in zip(names, summed)}
+    main_result = results.pop("main")
+    main_result.update(results)
+    return main_result
 
 
 __all__ = ["evaluate_cams", "evaluate_segmentation"]

@@ -173,6 +173,17 @@ def segment(
         `torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`: probabilities summing to 1 per pixel,
         on the model's device. `argmax(dim=1)` gives the label map (0 = background).
     """
+    if not aux_weight >= 0:
+        raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}.")
+    final, aux = _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, batch_size, base_size,
+                                min_size, aux=aux_weight > 0)  # fmt: skip
+    return final if aux is None else (final + aux_weight * aux) / (1.0 + aux_weight)
+
+
+def _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, batch_size, base_size, min_size,
+                   aux=False):  # fmt: skip
+    """`segment`'s passes: the final head's probabilities averaged over passes, and with `aux` those decoded before
+    the last decoder block (else None)."""
     _check_pixel_values(pixel_values)
     scales = _check_scales(scales)
     for name, value in (("window_size", window_size), ("window_stride", window_stride), ("batch_size", batch_size)):
@@ -181,19 +192,16 @@ def segment(
     for name, value in (("base_size", base_size), ("min_size", min_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
-    if not aux_weight >= 0:
-        raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}.")
     if window_stride > window_size:
         raise ValueError(
             f"window_stride ({window_stride}) is larger than window_size ({window_size}), which would leave pixels "
             "that no window covers; use a stride at most the window size."
         )
     height, width = pixel_values.shape[-2:]
-    aux = aux_weight > 0
+    totals = [None, None] if aux else [None]
+    num_passes = 0
     with _eval_mode(model):
         pixel_values = pixel_values.to(_model_device(model))
-        total = None
-        num_passes = 0
         for scale in scales:
             scaled = pixel_values
             for size in segment_pass_size((height, width), scale, base_size, min_size):
@@ -202,17 +210,16 @@ def segment(
             for flipped in (False, True) if flip else (False,):
                 inputs = scaled.flip(-1) if flipped else scaled
                 heads = _sliding_window_logits(model, inputs, window_size, window_stride, batch_size, aux=aux)
-                probabilities = None
-                for weight, logits in zip((1.0, aux_weight), heads if aux else (heads,)):
+                for index, logits in enumerate(heads if aux else (heads,)):
                     if flipped:
                         logits = logits.flip(-1)
                     if logits.shape[-2:] != (height, width):
                         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-                    term = weight * logits.softmax(dim=1)
-                    probabilities = term if probabilities is None else probabilities + term
-                total = probabilities if total is None else total + probabilities
+                    probabilities = logits.softmax(dim=1)
+                    totals[index] = probabilities if totals[index] is None else totals[index] + probabilities
                 num_passes += 1
-    return total / (num_passes * (1.0 + aux_weight))
+    means = [total / num_passes for total in totals]
+    return means[0], (means[1] if aux else None)
 
 
 def _present_classes(labels, batch_size, num_classes, device):
