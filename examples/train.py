@@ -156,7 +156,8 @@ AUTHORS_STEP2 = dict(
     seg_learning_rate=1e-4,  # OR/train.py:59
     seg_encoder_lr_scale=0.1,  # --enc-lr 0.1 as lr_scale of every encoder group (OR/train.py:61, 252-268)
     seg_min_learning_rate=1e-5,  # poly power 0.9 down to min_lr 1e-5, per iteration (OR/train.py:63-64, 192-196)
-    seg_nesterov=True, seg_momentum=0.9,  # opt 'sgd' = Nesterov SGD, momentum 0.9 (OR/train.py:52, 188; optim_factory.py:134-136)
+    # --optimizer sgd is Nesterov SGD, momentum 0.9 (OR/train.py:52, 188; OR/optim/optim_factory.py:134-136).
+    seg_nesterov=True, seg_momentum=0.9,
     seg_num_train_epochs=100,  # --epochs 100 (OR/train.py:58)
     clip_start_value=1.2, clip_window_size=120,  # --start-value 1.2 --patch-size 120 (Training.md:96, 107)
     # Evaluation (docs/Evaluate.md): windows 480 / 320 (OR/config.yml:183-184); each image resized to short side 520
@@ -170,7 +171,7 @@ PRESETS["voc12-deit-s"] = dict(
     **DEIT_S, **AUTHORS_STEP1, **AUTHORS_STEP2,
     train_split="train_aug",  # datasets.py:105; Training.md:23
     cam_eval_split="train",  # voc12/train_id.txt, the 1,464 VOC train images (Training.md:11)
-    pseudo_label_eval_split="train",  # pseudo-label mIoU also on VOC train, as reported (evaluation.py --list, Training.md:32)
+    pseudo_label_eval_split="train",  # pseudo-label mIoU also on VOC train, as reported (Training.md:32)
     cam_threshold=0.43,  # --t 43 (Training.md:45)
     cam_scales=(1.0, 1.2),  # Training.md:24
     crf="voc12",  # crf_inference_label (tool/imutils.py:4-20)
@@ -348,7 +349,8 @@ def apply_preset(args, parser):
             setattr(args, key, True)
     if args.preset != "demo" and args.dataset_path == "synthetic" and "dataset_path" not in preset:
         if not args.print_config:
-            parser.error(f"--preset {args.preset} needs --dataset_path (a VOCdevkit/VOC2012 or COCO root, or a Hub id).")
+            parser.error(f"--preset {args.preset} needs --dataset_path (a VOCdevkit/VOC2012 or COCO root, or a Hub "
+                         "id).")  # fmt: skip
     if args.cam_threshold != "sweep":
         try:
             args.cam_threshold = float(args.cam_threshold)
@@ -480,8 +482,10 @@ def with_image_labels_file(dataset, path):
         if vector is None:
             raise KeyError(f"--image_labels_file {path} has no labels for image {example['id']!r}.")
         if vector.shape != (num_classes,):
-            raise ValueError(f"--image_labels_file {path}: image {example['id']!r} has a label vector of shape "
-                             f"{vector.shape}, the dataset has {num_classes} classes (check --coco_id_layout).")  # fmt: skip
+            raise ValueError(
+                f"--image_labels_file {path}: image {example['id']!r} has a label vector of shape {vector.shape}, "
+                f"the dataset has {num_classes} classes (check --coco_id_layout)."
+            )
         return {"labels": np.flatnonzero(vector).tolist()}
 
     return dataset.map(relabel, desc="image-level labels from " + os.path.basename(path))

@@ -254,8 +254,10 @@ def test_eval_crf_gets_the_preset_parameters_and_only_present_classes(script, te
     model = tiny_segmenter(tester)
     dataset = segmentation_dataset(num_labels=model.config.num_labels)
     predictions = []
-    scores = evaluate_segmentation(model, dataset, window_size=16, window_stride=8, crf=dict(crf), aux_weight=0.8,
-                                   show_progress=False, on_prediction=lambda i, e, p: predictions.append(p))  # fmt: skip
+    scores = evaluate_segmentation(
+        model, dataset, window_size=16, window_stride=8, crf=dict(crf), aux_weight=0.8, show_progress=False,
+        on_prediction=lambda index, example, prediction: predictions.append(prediction),
+    )  # fmt: skip
     assert len(calls) == len(dataset) and "crf" in scores and 0 <= scores["crf"]["mean_iou"] <= 1
     final_only = evaluate_segmentation(model, dataset, window_size=16, window_stride=8, show_progress=False)
     assert scores["final_only"]["mean_iou"] == pytest.approx(final_only["mean_iou"])
@@ -301,7 +303,8 @@ def test_selection_subset_is_voc_train_or_the_coco_annotation_order(script, tmp_
     args = script.parse_args(["--print_config", "--train_split", "train_aug", "--cam_eval_samples", "2"])
     assert list(script.cam_selection_subset(args, dataset)["id"]) == ["a", "b"]
     (tmp_path / "ids.txt").write_text("d\nb\n")
-    args = script.parse_args(["--print_config", "--train_split", "train_aug", "--cam_eval_ids", str(tmp_path / "ids.txt")])
+    ids_file = str(tmp_path / "ids.txt")
+    args = script.parse_args(["--print_config", "--train_split", "train_aug", "--cam_eval_ids", ids_file])
     assert list(script.cam_selection_subset(args, dataset)["id"]) == ["d", "b"]
     (tmp_path / "bad.txt").write_text("zzz\n")
     args.cam_eval_ids = str(tmp_path / "bad.txt")

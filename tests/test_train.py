@@ -150,8 +150,8 @@ def logged_scalars(output_dir, tag):
 
 
 # Global batches (4 images per update whatever the number of processes) and the authors' per-epoch step-1 schedule.
-PER_DEVICE_FLAGS = ("--per_device_train_batch_size", "--seg_per_device_train_batch_size")
-TINY_GLOBAL = [flag for i, flag in enumerate(TINY) if flag not in PER_DEVICE_FLAGS and TINY[i - 1] not in PER_DEVICE_FLAGS]
+PER_DEVICE_FLAGS = {"--per_device_train_batch_size", "--seg_per_device_train_batch_size"}
+TINY_GLOBAL = [flag for i, flag in enumerate(TINY) if PER_DEVICE_FLAGS.isdisjoint((flag, TINY[i - 1]))]
 TINY_GLOBAL += ["--total_train_batch_size", "4", "--seg_total_train_batch_size", "4", "--cam_lr_schedule", "epoch",
                 "--warmup_epochs", "1", "--warmup_learning_rate", "1e-5", "--min_learning_rate", "1e-4",
                 "--seg_min_learning_rate", "1e-3", "--with_tracking", "--logging_steps", "1", "--num_visualizations",

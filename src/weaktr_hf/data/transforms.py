@@ -172,10 +172,11 @@ class SegmentationTrainTransform:
     """Step-2 training augmentation of image and mask together (the authors' mmseg recipe).
 
     Random rescale so the shorter side is `base_size` x a ratio in `scale_range` (the longer side capped at
-    `max_ratio` x `base_size` x ratio: 4 is mmseg's (2048, 512) scale, the authors' step 2 uses 8), random crop of `crop_size` in which no class covers more
-    than `cat_max_ratio` (up to `crop_max_tries` tries), horizontal flip, photometric distortion, normalisation, then
-    padding to `crop_size` (image 0, mask `ignore_index`). `mask_key` names the column with the training labels
-    (e.g. pseudo-labels put in `semantic_mask`). `antialias=False` resizes like mmseg's cv2 bilinear (no antialiasing).
+    `max_ratio` x `base_size` x ratio: 4 is mmseg's (2048, 512) scale, the authors' step 2 uses 8), random crop of
+    `crop_size` in which no class covers more than `cat_max_ratio` (up to `crop_max_tries` tries), horizontal flip,
+    photometric distortion, normalisation, then padding to `crop_size` (image 0, mask `ignore_index`). `mask_key`
+    names the column with the training labels (e.g. pseudo-labels put in `semantic_mask`). `antialias=False` resizes
+    like mmseg's cv2 bilinear (no antialiasing).
     """
 
     def __init__(
