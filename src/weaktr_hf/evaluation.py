@@ -13,9 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.schema import mask_to_array
+from .image_processing_weaktr import pil_image_to_uint8
 from .inference import _segment_heads, cams_to_labels, generate_cams
 from .metrics import ConfusionMatrix
-from .pseudo_labels import _default_image_transform, _uint8_image
+from .pseudo_labels import _default_image_transform
 
 
 def _shard(dataset, accelerator, max_samples=None):
@@ -152,7 +153,7 @@ def evaluate_segmentation(
 
             # The authors' CRF sees aux_weight x P1 + P2 unnormalised (its unary clips probabilities at 1).
             ensemble = probabilities.float().cpu().numpy() * (1.0 + aux_weight)
-            prediction = crf_refine_present_classes(_uint8_image(example["image"]), ensemble, **crf)
+            prediction = crf_refine_present_classes(pil_image_to_uint8(example["image"]), ensemble, **crf)
             matrices["crf"].update(prediction, reference)
         if on_prediction is not None:
             on_prediction(index, example, prediction)

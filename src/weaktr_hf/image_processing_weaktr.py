@@ -13,7 +13,10 @@ cover (its own `do_pad` padding, or the model's padding to a multiple of the pat
 "CAM generation" and "Pseudo-labels"), kept as pure functions so the multi-scale CAM generator shares them.
 """
 
+import io
 import os
+import urllib.request
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -33,7 +36,6 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     infer_channel_dimension_format,
-    load_image,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -54,16 +56,56 @@ CAM_OUTPUT_NAMES = ("fine_cam", "coarse_cam", "cross_attention")
 SIXTEEN_BIT_TO_EIGHT_BIT = 255.0 / 65535.0
 
 
+def load_image_file(path_or_url: str, timeout: float | None = None) -> PIL.Image.Image:
+    """Open an image file path or http(s) URL with PIL, as displayed (EXIF orientation applied), keeping its mode.
+
+    The one opener of files and URLs (16-bit, alpha and palette images stay as they are, so `pil_image_to_array`
+    converts them the same way whatever their source).
+    """
+    if path_or_url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(path_or_url, timeout=timeout) as response:  # raises on HTTP errors
+            source = io.BytesIO(response.read())
+    else:
+        source = path_or_url
+    with PIL.Image.open(source) as opened:
+        opened.load()
+        return PIL.ImageOps.exif_transpose(opened)
+
+
 def pil_image_to_array(image: PIL.Image.Image, convert_rgb: bool = True) -> np.ndarray:
     """Convert a PIL image of any common mode to an (H, W, 3) array in the 8-bit range [0, 255].
 
+    The one image conversion of the project: the processor, the training and evaluation transforms, pseudo-labels and
+    the CRF all go through it (the last three via `pil_image_to_uint8`), so every step sees the same pixels.
+
     8-bit modes keep dtype uint8; 16-bit ("I;16", "I") and float ("F", intensities in [0, 1]) images become float32
-    scaled to [0, 255] so 65535 -> 255.0 instead of being clipped to white. Transparency is composited on white.
-    With `convert_rgb=False` the channels are kept as they are (only the bit depth is scaled).
+    scaled to [0, 255] so 65535 -> 255.0 instead of being clipped to white (a mode "I" image holding 8-bit values is
+    read as 16-bit too, i.e. nearly black, with a warning: convert it to "L" first). Transparency is composited on
+    white. With `convert_rgb=False` the channels are kept as they are (only the bit depth is scaled).
+
+    The image is used in the orientation it has: an image opened by the caller that still carries an EXIF orientation
+    tag is not rotated (as in transformers' processors), with a warning, since datasets and file paths are used as
+    displayed.
     """
     mode = image.mode
+    orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) if hasattr(image, "getexif") else 1
+    if orientation not in (None, 1):
+        warnings.warn(
+            f"the image carries EXIF orientation {orientation} and is used as stored, not as displayed; datasets and "
+            "file paths are used as displayed: pass PIL.ImageOps.exif_transpose(image) (or the file path) instead",
+            stacklevel=2,
+        )
+    if mode == "La":  # premultiplied alpha: PIL converts it to nothing else than "LA"
+        image, mode = image.convert("LA"), "LA"
     if mode in SIXTEEN_BIT_MODES:
-        array = np.clip(np.asarray(image).astype(np.float32), 0, 65535) * np.float32(SIXTEEN_BIT_TO_EIGHT_BIT)
+        array = np.clip(np.asarray(image).astype(np.float32), 0, 65535)
+        if mode == "I" and array.size and array.max() <= 255:
+            warnings.warn(
+                "a mode 'I' image with values in 0..255 is read as 16-bit (0..65535), so it comes out nearly black; "
+                "if it holds 8-bit values, pass image.convert('L') or an 8-bit image instead",
+                stacklevel=2,
+            )
+        array = array * np.float32(SIXTEEN_BIT_TO_EIGHT_BIT)
     elif mode == "F":
         array = np.asarray(image).astype(np.float32)
         if array.size and (array.min() < 0 or array.max() > 1):
@@ -91,6 +133,18 @@ def pil_image_to_array(image: PIL.Image.Image, convert_rgb: bool = True) -> np.n
     if convert_rgb:
         array = np.repeat(array[..., None], 3, axis=-1)
     return array
+
+
+def pil_image_to_uint8(image: PIL.Image.Image) -> np.ndarray:
+    """`pil_image_to_array` rounded to 8 bits: a writable, C-contiguous uint8 (H, W, 3) RGB array.
+
+    What the training augmentations (which work on 8-bit images) and the CRF take; it differs from the processor's
+    float values of 16-bit and float images by at most half an 8-bit level.
+    """
+    array = pil_image_to_array(image, convert_rgb=True)
+    if array.dtype != np.uint8:
+        array = np.clip(np.round(array), 0, 255)
+    return np.array(array, dtype=np.uint8, order="C", copy=True)
 
 
 def reduce_labels(label_map: torch.Tensor) -> torch.Tensor:
@@ -231,13 +285,9 @@ class WeakTrImageProcessor(TorchvisionBackend):
         """Open file paths and URLs with PIL, keeping the file's mode (16-bit stays 16-bit)."""
         if isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
-            if path.startswith(("http://", "https://")):
-                return load_image(path)
-            if not os.path.isfile(path):
+            if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
                 raise ValueError(f"{kind} {index}: {path!r} is not a file; pass an existing path or an image")
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                return PIL.ImageOps.exif_transpose(opened)
+            return load_image_file(path)
         if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             raise ValueError(
                 f"{kind} {index} is a {type(item).__name__}; pass a PIL image, a numpy array, a tensor or a path"
@@ -536,4 +586,13 @@ class WeakTrImageProcessor(TorchvisionBackend):
         return present
 
 
-__all__ = ["IMAGE_STATISTICS", "WeakTrImageProcessor", "normalize_cams", "cams_to_label_map", "pil_image_to_array", "reduce_labels"]
+__all__ = [
+    "IMAGE_STATISTICS",
+    "WeakTrImageProcessor",
+    "normalize_cams",
+    "cams_to_label_map",
+    "load_image_file",
+    "pil_image_to_array",
+    "pil_image_to_uint8",
+    "reduce_labels",
+]

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.schema import mask_to_array
-from .image_processing_weaktr import WeakTrImageProcessor, pil_image_to_array
+from .image_processing_weaktr import WeakTrImageProcessor, pil_image_to_uint8
 from .inference import cams_to_labels, generate_cams
 from .metrics import ConfusionMatrix
 from .visualization import load_label_png, save_label_png
@@ -93,14 +93,6 @@ def _refine_with_crf(image, label_map, present_ids, crf):
     to_compact[label_ids] = np.arange(len(label_ids))
     refined = crf_refine_labels(image, to_compact[label_map], len(label_ids), **crf)
     return label_ids[refined]
-
-
-def _uint8_image(image):
-    """The image's RGB pixels as a writable uint8 (H, W, 3) array (pydensecrf rejects read-only buffers)."""
-    array = pil_image_to_array(image, convert_rgb=True)
-    if array.dtype != np.uint8:
-        array = np.clip(np.round(array), 0, 255)
-    return np.array(array, dtype=np.uint8, order="C", copy=True)
 
 
 def write_pseudo_labels(
@@ -204,7 +196,7 @@ def write_pseudo_labels(
         if len(output_dirs) > 1:
             save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map.astype(np.uint8))
         if crf is not None and present_ids:
-            label_map = _refine_with_crf(_uint8_image(image), label_map, present_ids, crf)
+            label_map = _refine_with_crf(pil_image_to_uint8(image), label_map, present_ids, crf)
         # Written last: its presence marks the sample as done.
         save_label_png(pseudo_label_path(output_dir, sample_id), label_map.astype(np.uint8))
         written.append(sample_id)

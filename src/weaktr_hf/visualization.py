@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .image_processing_weaktr import pil_image_to_uint8
 from .labels import IGNORE_INDEX
 
 
@@ -69,9 +70,9 @@ def jet_colormap(values):
 
 
 def _as_rgb_array(image):
-    """A uint8 (height, width, 3) array from a PIL image or an array."""
+    """A uint8 (height, width, 3) array from a PIL image (converted as the model's input is) or an array."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return pil_image_to_uint8(image)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
@@ -163,7 +164,7 @@ def side_by_side(images, titles=None, gap=4, background=(255, 255, 255), min_sid
     panels = []
     for item in images:
         if isinstance(item, Image.Image):
-            panels.append(item.convert("RGB"))
+            panels.append(Image.fromarray(pil_image_to_uint8(item), mode="RGB"))
         elif np.asarray(item).ndim == 2 or hasattr(item, "detach"):
             panels.append(colorize_mask(item).convert("RGB"))
         else:

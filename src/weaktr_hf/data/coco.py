@@ -31,10 +31,14 @@ from .schema import (
     check_image,
     check_on_bad_sample,
     encode_mask_png,
+    exif_orientation,
     file_signature,
     get_class_names,
     get_metadata,
     metadata_description,
+    open_image,
+    stored_size,
+    to_displayed_frame,
     wsss_features,
 )
 
@@ -154,15 +158,26 @@ def _render_coco_sample(example, category_to_label, verify_images):
     row = {"image": image_path, "semantic_mask": None, "labels": [], "id": example["id"], ERROR_COLUMN: None}
     try:
         size = check_image(image_path, image_path, verify_images)
-        if size != (width, height):
+        image = open_image(image_path)
+        orientation = exif_orientation(image)
+        # Annotations are in the frame the file's width/height describe: the stored pixels (COCO's own convention,
+        # and the only one possible when both frames have the same size), or the displayed frame (tools that apply
+        # EXIF). The mask is rendered there and turned into the displayed frame, which `datasets` decodes images in.
+        if (width, height) == stored_size(image):
+            frame_orientation = orientation
+        elif (width, height) == size:
+            frame_orientation = 1
+        else:
+            stored_width, stored_height = stored_size(image)
+            stored = "" if (stored_width, stored_height) == size else f" (stored as {stored_width}x{stored_height})"
             raise BadSampleError(
-                f"image {image_path} is {size[0]}x{size[1]} but its annotation file says {width}x{height}; replace "
-                "the image or fix the file"
+                f"image {image_path} is {size[0]}x{size[1]}{stored} but its annotation file says {width}x{height}; "
+                "replace the image or fix the file"
             )
         # json turns int keys into strings, and fn_kwargs travel through the cache fingerprint as given
         mapping = {int(k): v for k, v in category_to_label.items()}
         mask, labels = render_coco_semantic_mask(json.loads(example["annotations"]), height, width, mapping)
-        row["semantic_mask"] = encode_mask_png(mask)
+        row["semantic_mask"] = encode_mask_png(to_displayed_frame(mask, frame_orientation))
         row["labels"] = labels
     except BadSampleError as error:
         row[ERROR_COLUMN] = f"id {example['id']}: {error}"
@@ -189,6 +204,10 @@ def load_coco(
         id_layout: `"contiguous"` (labels 0..C-1 in raw-id order) or `"raw"` (labels = raw id - 1, 90 classes).
         keep_unannotated: keep images without any annotation (empty labels, all-background mask); by default they
             are dropped and their count is logged.
+
+    Images are used as displayed (EXIF orientation applied, as `datasets` decodes them). Annotations are taken in the
+    frame the file's `width`/`height` describe: the stored pixels (COCO's convention, and the choice when both frames
+    have the same size), or the displayed image when only that fits; the mask is turned like the image.
         verify_images / on_bad_sample / num_proc / cache_dir: as in `load_voc`.
 
     Returns:

@@ -15,6 +15,7 @@ from .schema import (
     ERROR_COLUMN,
     BadSampleError,
     check_image,
+    check_mask_size,
     check_labels,
     check_on_bad_sample,
     encode_mask_png,
@@ -94,11 +95,7 @@ def _example_to_schema(example, index, image_column, mask_column, labels_column,
             row["semantic_mask"] = _storage(example[mask_column], f"mask of sample {sample_id}")
             mask = open_image(row["semantic_mask"])
             mask.load()
-            if mask.size != image_size:
-                raise BadSampleError(
-                    f"the mask of sample {sample_id} is {mask.size[0]}x{mask.size[1]} but its image is "
-                    f"{image_size[0]}x{image_size[1]}; masks must have the size of their image"
-                )
+            check_mask_size(mask, row["image"], image_size, f"the mask of sample {sample_id}", "its image")
             mask_labels = labels_from_mask(
                 mask_to_array(mask, f"of sample {sample_id}"), num_classes, f"of {sample_id}"
             )

@@ -152,15 +152,78 @@ def open_image(source):
     return PIL.Image.open(source)
 
 
+# EXIF orientation tag -> the transpose that shows the stored pixels upright (as PIL.ImageOps.exif_transpose does).
+_EXIF_TRANSPOSE = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT,
+    3: PIL.Image.Transpose.ROTATE_180,
+    4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE,
+    6: PIL.Image.Transpose.ROTATE_270,
+    7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(image):
+    """The EXIF orientation tag of a PIL image (1, i.e. upright, when it has none or an unknown value)."""
+    orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1)
+    return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
+def stored_size(image):
+    """The (width, height) of the stored pixels of a PIL image, before its EXIF orientation is applied."""
+    return image.size
+
+
+def displayed_size(image):
+    """The (width, height) of a PIL image as displayed, i.e. as `datasets` decodes it (EXIF orientation applied)."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) >= 5 else (width, height)
+
+
+def to_displayed_frame(array, orientation):
+    """A 2-D array (e.g. a mask drawn on the stored pixels) turned the way EXIF `orientation` turns its image."""
+    if orientation not in _EXIF_TRANSPOSE:
+        return array
+    return np.asarray(PIL.Image.fromarray(array).transpose(_EXIF_TRANSPOSE[orientation]))
+
+
 def check_image(source, name, verify):
-    """The (width, height) of an image, decoding all of it when `verify` so corrupt or truncated files are caught."""
+    """The (width, height) of an image in the frame every part of the project uses: EXIF orientation applied.
+
+    That is the frame `datasets` decodes images in, so masks are checked against what training, pseudo-labels and
+    evaluation see. Decodes all of the image when `verify`, so corrupt or truncated files are caught.
+    """
     try:
         image = open_image(source)
         if verify:
             image.load()
-        return image.size
+        return displayed_size(image)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise BadSampleError(f"image {name} cannot be decoded ({error}); re-download or replace it") from error
+
+
+def check_mask_size(mask, image_source, image_size, mask_name, image_name):
+    """Raise unless a mask (PIL) has its image's size, both as displayed (EXIF orientation applied).
+
+    Masks are class maps of the image as displayed (as `datasets`, viewers and annotation tools show it). A mask that
+    only fits the stored pixels of a 90-degree-tagged image gets an error that says so.
+    """
+    size = displayed_size(mask)
+    if size == image_size:
+        return
+    image = open_image(image_source)
+    hint = ""
+    if size == stored_size(image) and exif_orientation(image) != 1:
+        hint = (
+            f"; it fits the stored pixels, but the image carries EXIF orientation {exif_orientation(image)} and is "
+            "used as displayed (turned): turn the mask to the displayed orientation, or save the image upright "
+            "without the tag (PIL.ImageOps.exif_transpose, then save)"
+        )
+    raise BadSampleError(
+        f"{mask_name} is {size[0]}x{size[1]} but {image_name} is {image_size[0]}x{image_size[1]}; masks must have "
+        f"the size of their image{hint}"
+    )
 
 
 def mask_to_array(mask, name="mask"):

@@ -39,6 +39,7 @@ import datasets
 import numpy as np
 import PIL.Image
 
+from ..image_processing_weaktr import pil_image_to_uint8
 from .schema import get_class_names, mask_to_array, metadata_description, wsss_features
 
 SYNTHETIC_CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "bar")
@@ -314,7 +315,7 @@ def load_synthetic(split=None, num_classes=4, image_size=96, num_train=1000, num
 
 
 def _distance_from_median_colour(image):
-    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32) / 255
+    pixels = np.asarray(pil_image_to_uint8(image) if hasattr(image, "convert") else image, dtype=np.float32) / 255
     return np.linalg.norm(pixels - np.median(pixels.reshape(-1, 3), axis=0), axis=-1)
 
 

@@ -10,6 +10,7 @@ A transform takes one row (`image` PIL, `labels`, `semantic_mask` PIL or None, `
 import random
 
 import numpy as np
+import PIL.Image
 import torch
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -17,6 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..image_processing_weaktr import pil_image_to_uint8
 from ..labels import IGNORE_INDEX
 from .schema import mask_to_array
 
@@ -34,8 +36,8 @@ def _pair(size):
 
 
 def _to_image_tensor(image):
-    """A uint8 `tv_tensors.Image` (3, H, W) from a PIL image of any mode."""
-    return tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+    """A uint8 `tv_tensors.Image` (3, H, W) from a PIL image of any mode, converted as the processor converts it."""
+    return tv_tensors.Image(torch.from_numpy(pil_image_to_uint8(image)).permute(2, 0, 1))
 
 
 def _to_mask_tensor(mask, name):
@@ -108,7 +110,7 @@ class CAMTrainTransform:
         )
 
     def __call__(self, example):
-        pixel_values = self.transform(example["image"].convert("RGB"))
+        pixel_values = self.transform(PIL.Image.fromarray(pil_image_to_uint8(example["image"])))
         return _output(example, pixel_values)
 
 

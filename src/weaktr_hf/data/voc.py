@@ -25,6 +25,7 @@ from .schema import (
     BadSampleError,
     build_checked_split,
     check_image,
+    check_mask_size,
     check_on_bad_sample,
     file_signature,
     labels_from_mask,
@@ -123,11 +124,7 @@ def _check_voc_sample(example, class_names, labels_from, verify_images):
         if mask_path is not None:
             check_image(mask_path, mask_path, verify=True)
             mask_image = open_image(mask_path)
-            if mask_image.size != image_size:
-                raise BadSampleError(
-                    f"mask {mask_path} is {mask_image.size[0]}x{mask_image.size[1]} but image {image_path} is "
-                    f"{image_size[0]}x{image_size[1]}; masks must have the size of their image"
-                )
+            check_mask_size(mask_image, image_path, image_size, f"mask {mask_path}", f"image {image_path}")
             mask_labels = labels_from_mask(mask_to_array(mask_image, mask_path), len(class_names), mask_path)
         if labels_from == "mask" or (labels_from == "auto" and mask_labels is not None):
             if mask_labels is None:
@@ -172,6 +169,10 @@ def load_voc(
 
     Returns:
         A `datasets.Dataset` for one split name, else a `datasets.DatasetDict`.
+
+    Images are used as displayed (EXIF orientation applied, as `datasets` decodes them), so masks must be drawn on
+    the displayed image; a mask that only fits the stored pixels of a 90-degree-tagged image is a bad sample (a
+    mask of the stored pixels of a 180-degree or mirrored image cannot be told apart: strip such tags first).
     """
     check_on_bad_sample(on_bad_sample)
     if labels_from not in LABEL_SOURCES:
