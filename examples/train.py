@@ -50,6 +50,7 @@ from weaktr_hf.data.coco import is_coco_root
 from weaktr_hf.data.voc import find_voc_root
 from weaktr_hf.evaluation import evaluate_cams, evaluate_segmentation
 from weaktr_hf.hub import push_folder_to_hub, render_model_card
+from weaktr_hf.image_processing_weaktr import pil_image_to_uint8
 from weaktr_hf.inference import generate_cams
 from weaktr_hf.labels import foreground_id2label, segmentation_id2label
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, write_pseudo_labels
@@ -856,7 +857,8 @@ def save_cam_overlays(args, train, figures, class_names):
         if not example["labels"]:
             continue
         pixel_values = processor(example["image"], return_tensors="pt").pixel_values
-        image = upscale(example["image"].convert("RGB"), FIGURE_MIN_SIDE)  # CAMs are resized smoothly onto it
+        # The pixels the model sees (same conversion); CAMs are resized smoothly onto it
+        image = upscale(PIL.Image.fromarray(pil_image_to_uint8(example["image"])), FIGURE_MIN_SIDE)
         first = example["labels"][0]
         panels, titles = [image], ["image"]
         for cam in CAM_NAMES:
