@@ -108,6 +108,68 @@ def test_save_and_load_round_trip(tester, tmp_path, model_class):
         torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
 
 
+# Loading paths users take; `trust_remote_code=True` without the package is in test_remote_code.py.
+
+
+@pytest.mark.parametrize("model_class", [WeakTrModel, WeakTrForCAM, WeakTrForSemanticSegmentation])
+def test_models_build_on_the_meta_device(tester, model_class):
+    """Empty-weights initialisation (accelerate's `init_empty_weights`, `device_map` loading) builds under meta."""
+    config = tester.get_config(drop_path_rate=0.1, decoder_drop_path_rate=0.1)
+    with torch.device("meta"):
+        model = model_class(config)
+    assert {param.device.type for param in model.parameters()} == {"meta"}
+    assert model.base_model.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+
+
+def test_from_pretrained_with_device_map_cpu(tester, tmp_path):
+    """Big-model loading: the model is built on the meta device, then weights are placed by `device_map`."""
+    model = saved_model(tmp_path, WeakTrForSemanticSegmentation, tester.get_segmentation_config())
+    loaded = WeakTrForSemanticSegmentation.from_pretrained(tmp_path, device_map="cpu")
+    assert {tensor.device.type for tensor in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}
+    pixel_values = tester.prepare_pixel_values(1, 27, 35)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_class", [WeakTrForCAM, WeakTrForSemanticSegmentation])
+def test_from_pretrained_in_bfloat16_runs_float32_pixels(tester, tmp_path, model_class):
+    config = tester.get_segmentation_config() if model_class is WeakTrForSemanticSegmentation else tester.get_config()
+    model = saved_model(tmp_path, model_class, config)
+    loaded = model_class.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
+    pixel_values = tester.prepare_pixel_values(2)  # float32, as the image processor gives them
+    with torch.no_grad():
+        low, full = loaded(pixel_values).logits, model(pixel_values).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.1)
+
+
+def test_torch_dtype_auto_loads_the_saved_dtype(tester, tmp_path):
+    model = WeakTrForSemanticSegmentation(tester.get_segmentation_config()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    saved_model(tmp_path / "fp32", WeakTrForSemanticSegmentation, tester.get_segmentation_config())
+    for folder, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        loaded = WeakTrForSemanticSegmentation.from_pretrained(tmp_path / folder, torch_dtype="auto")
+        assert {param.dtype for param in loaded.parameters()} == {dtype}, folder
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tester):
+    model = WeakTrForSemanticSegmentation(tester.get_segmentation_config(decoder_hidden_dropout_prob=0.0)).train()
+    pixel_values, labels = tester.prepare_pixel_values(2), tester.prepare_segmentation_labels(2)
+
+    def gradients():
+        model.zero_grad()
+        model(pixel_values, labels=labels).loss.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.weaktr.blocks)
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
 def test_cam_model_declares_multi_label_problem(tester, tmp_path):
     model = saved_model(tmp_path, WeakTrForCAM, tester.get_config())
     assert model.config.problem_type == "multi_label_classification"

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
@@ -353,8 +354,9 @@ class WeakTrLayerScale(nn.Module):
         return hidden_states * self.gamma
 
 
-class WeakTrLayer(nn.Module):
-    """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes.
+class WeakTrLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes. Recomputed in
+    the backward pass after `model.activation_checkpointing_enable()`.
 
     The variants fill fixed slots when the layer is built: `mlp_layer` (`WeakTrMLP` or `WeakTrGatedMLP`), `ls1` /
     `ls2` (LayerScale when `layerscale_value` is a number, identity when None) and the attention's bias layout
@@ -400,6 +402,7 @@ class WeakTrPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["WeakTrLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     _supports_attention_backend = True
 
     def _init_weights(self, module):
