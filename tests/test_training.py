@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from weaktr_hf import WeakTrConfig, WeakTrForCAM
 from weaktr_hf.training import (
     SeededTransformDataset,
+    UpdateStepCosineScheduler,
     build_cam_optimizer,
     build_scheduler,
     build_seg_optimizer,
@@ -53,16 +54,21 @@ def random_augmentation(sample):
     return {"pixel_values": image, "labels": sample["labels"]}
 
 
-def run(tmp_path, max_train_steps, resume=None, checkpointing_steps=None, seed=0):
+def run(tmp_path, max_train_steps, resume=None, checkpointing_steps=None, seed=0, per_epoch_schedule=False):
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(seed)
     model = WeakTrForCAM(tiny_config())
     optimizer = build_cam_optimizer(model, learning_rate=1e-3)
-    scheduler = build_scheduler("cosine", optimizer, num_training_steps=6, num_warmup_steps=1)
     data = SeededTransformDataset(FixedCAMData(), random_augmentation, seed=seed)
     loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if per_epoch_schedule:  # the recipe's way: timm's scheduler per epoch, left out of `prepare`
+        scheduler = UpdateStepCosineScheduler(optimizer, num_training_steps=9, steps_per_epoch=3, num_epochs=3,
+                                              warmup_epochs=1, warmup_lr_init=1e-5, lr_min=1e-4)  # fmt: skip
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:
+        scheduler = build_scheduler("cosine", optimizer, num_training_steps=6, num_warmup_steps=1)
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = train_model(
         accelerator, model, optimizer, scheduler, loader, max_train_steps=max_train_steps,
         checkpoint_dir=str(tmp_path / "checkpoints"), checkpointing_steps=checkpointing_steps,
@@ -71,13 +77,16 @@ def run(tmp_path, max_train_steps, resume=None, checkpointing_steps=None, seed=0
     return accelerator.unwrap_model(model).state_dict(), state
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    straight, _ = run(tmp_path / "a", max_train_steps=6)
-    # Interrupted after 4 of 6 steps (mid-epoch: 3 batches per epoch), then resumed from the latest checkpoint.
-    run(tmp_path / "b", max_train_steps=4, checkpointing_steps=4)
+@pytest.mark.parametrize("per_epoch_schedule", [False, True], ids=["prepared_cosine", "unprepared_timm_per_epoch"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, per_epoch_schedule):
+    # The per-epoch schedule runs 3 epochs, so the lr of the last one depends on the restored scheduler state.
+    total = 9 if per_epoch_schedule else 6
+    straight, _ = run(tmp_path / "a", max_train_steps=total, per_epoch_schedule=per_epoch_schedule)
+    # Interrupted after 4 steps (mid-epoch: 3 batches per epoch), then resumed from the latest checkpoint.
+    run(tmp_path / "b", max_train_steps=4, checkpointing_steps=4, per_epoch_schedule=per_epoch_schedule)
     assert find_latest_checkpoint(str(tmp_path / "b" / "checkpoints")).endswith("step_4")
-    resumed, state = run(tmp_path / "b", max_train_steps=6, resume="latest")
-    assert state.completed_steps == 6
+    resumed, state = run(tmp_path / "b", max_train_steps=total, resume="latest", per_epoch_schedule=per_epoch_schedule)
+    assert state.completed_steps == total
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
 
