@@ -7,9 +7,13 @@
 
 Stages (`--stage`, default `all`), each reading what the previous one wrote in `--output_dir`:
   cam     step 1: train WeakTrForCAM from image-level labels; keep the epoch with the best CAM mIoU on a train subset
+          (without masks: the lowest held-out classification loss, then the CAM and threshold by Otsu's rule)
   pseudo  multi-scale + flip CAMs -> background threshold -> dense CRF -> one pseudo-label PNG per training image
   seg     step 2: train WeakTrForSemanticSegmentation on the pseudo-labels with the gradient-clipping loss
-  eval    score the segmenter on the validation split (single scale, multi-scale + flip), write PNGs and the table
+  eval    predict the validation split (PNGs in predictions/, figures), score it where it has masks, write the table
+
+Your own images (a folder with metadata.csv, class-named subfolders, a saved or Hub dataset; no masks needed):
+    accelerate launch examples/train.py --dataset_path my_photos --class_names cat dog --output_dir runs/mine
 """
 
 import argparse
@@ -20,6 +24,7 @@ import os
 import sys
 import time
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -54,6 +59,7 @@ from weaktr_hf.image_processing_weaktr import pil_image_to_uint8
 from weaktr_hf.inference import generate_cams
 from weaktr_hf.labels import foreground_id2label, segmentation_id2label
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, write_pseudo_labels
+from weaktr_hf.selection import CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss
 from weaktr_hf.training import (
     SeededTransformDataset,
     TrainState,
@@ -66,7 +72,9 @@ from weaktr_hf.training import (
     train_model,
     write_json_atomic,
 )
-from weaktr_hf.visualization import FIGURE_MIN_SIDE, bar_chart, colorize_mask, overlay_cam, side_by_side, upscale
+from weaktr_hf.visualization import (
+    FIGURE_MIN_SIDE, bar_chart, colorize_mask, overlay_cam, save_label_png, side_by_side, upscale,
+)  # fmt: skip
 
 logger = logging.getLogger("weaktr")
 
@@ -207,6 +215,7 @@ FALLBACKS = dict(
     seg_image_mean=tuple(IMAGENET_DEFAULT_MEAN), seg_image_std=tuple(IMAGENET_DEFAULT_STD),
     eval_base_size=None, eval_min_size=None, eval_aux_weight=0.0, eval_crf=None, eval_ids=None,
     coco_id_layout="contiguous", voc_labels_from="auto", image_labels_file=None, pseudo_label_eval_split=None,
+    validation_split_percentage=10.0, on_bad_sample="raise",
 )  # fmt: skip
 
 
@@ -218,7 +227,18 @@ def parse_args(argv=None):
     add("--output_dir", default="outputs/weaktr-demo")
     add("--dataset_path", help="'synthetic', a VOCdevkit/VOC2012 or COCO root, a saved dataset or a Hub id")
     add("--train_split")
-    add("--val_split")
+    add("--val_split", help="validation split (default 'val', or 'validation' where that is the dataset's name)")
+    # Your own data (README, "Train on your own images"): column names and classes, as transformers' examples name them.
+    add("--image_column_name", help="image column of a folder / saved / Hub dataset (default 'image')")
+    add("--labels_column_name", help="image-level labels: class names ('cat;dog', a JSON list) or ids (default "
+        "'labels', else ImageFolder's 'label')")
+    add("--mask_column_name", help="optional ground-truth mask column (default 'semantic_mask' if present)")
+    add("--class_names", nargs="+", help="foreground class names in label order, or one text file with a name per "
+        "line (default: the dataset's ClassLabel names, else the names its label column uses, sorted)")
+    add("--validation_split_percentage", type=float, help="without a validation split, hold out this percentage "
+        "of the training images as one (default 10)")
+    add("--on_bad_sample", choices=("raise", "skip"), help="unreadable image / unknown label: stop with an error "
+        "naming the file (default), or skip it with a log line")
     add("--backbone", help="ImageNet init: a timm model name (needs network) or a local timm checkpoint file")
     add("--cam_model_name_or_path", help="start step 1 from a saved / converted WeakTrForCAM instead")
     add("--allow_random_init", action="store_true",
@@ -258,7 +278,8 @@ def parse_args(argv=None):
         help="thresholds scored at each selection (default: --cam_threshold, or the sweep list)")
     add("--cam_selection_early_stop", type=_bool,
         help="stop the threshold sweep at the first one that does not improve (the authors')")
-    add("--cam_threshold", help="background score, or 'sweep' to pick it on the train subset")
+    add("--cam_threshold", help="background score, or 'sweep' to pick it on the train subset (by mIoU with masks, "
+        "by Otsu's rule on the CAMs without)")
     add("--cam_sweep_thresholds", type=float, nargs="+")
     add("--cam_scales", type=float, nargs="+")
     add("--no_cam_flip", dest="cam_flip", action="store_false", default=None)
@@ -460,12 +481,13 @@ def load_data(args):
         )  # fmt: skip
     else:
         path = os.path.expanduser(str(args.dataset_path))
-        options = {}
         if os.path.isdir(path) and find_voc_root(path) is not None:
-            options = {"labels_from": args.voc_labels_from}
+            options = {"labels_from": args.voc_labels_from, "on_bad_sample": args.on_bad_sample}
         elif os.path.isdir(path) and is_coco_root(path):
-            options = {"id_layout": args.coco_id_layout}
-        dataset = load_wsss_dataset(args.dataset_path, **options)
+            options = {"id_layout": args.coco_id_layout, "on_bad_sample": args.on_bad_sample}
+        else:
+            options = user_data_kwargs(args)
+        dataset = with_validation_split(load_wsss_dataset(args.dataset_path, **options), args)
     if args.image_labels_file:
         dataset = with_image_labels_file(dataset, args.image_labels_file)
     return dataset
@@ -490,6 +512,66 @@ def with_image_labels_file(dataset, path):
         return {"labels": np.flatnonzero(vector).tolist()}
 
     return dataset.map(relabel, desc="image-level labels from " + os.path.basename(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Your own data: column names, class names, a validation split carved from train
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_class_names(values):
+    """`--class_names`: the names themselves, or one existing text file holding one name per line."""
+    if values is None:
+        return None
+    if len(values) == 1 and os.path.isfile(values[0]):
+        with open(values[0], encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip()]
+        if not names:
+            raise ValueError(f"--class_names file {values[0]} holds no class name (one name per line expected).")
+        return names
+    return list(values)
+
+
+def user_data_kwargs(args):
+    """Keyword arguments of `load_wsss_dataset` for a folder / saved / Hub dataset: only the flags that were given."""
+    kwargs = {"on_bad_sample": args.on_bad_sample}
+    for key, flag in (("image_column", "image_column_name"), ("labels_column", "labels_column_name"),
+                      ("mask_column", "mask_column_name")):  # fmt: skip
+        if getattr(args, flag):
+            kwargs[key] = getattr(args, flag)
+    if args.class_names:
+        kwargs["class_names"] = read_class_names(args.class_names)
+    return kwargs
+
+
+def with_validation_split(dataset, args):
+    """The dataset with a `--val_split` split: 'validation' renamed (ImageFolder names a `val/` folder so), or
+    `--validation_split_percentage` of the training split held out (seeded), as transformers' examples do."""
+    if args.val_split in dataset:
+        return dataset
+    if args.val_split == "val" and "validation" in dataset:
+        args.val_split = "validation"
+        return dataset
+    train = split(dataset, args.train_split)
+    fraction = args.validation_split_percentage / 100
+    if not 0 < fraction < 1 or round(fraction * len(train)) < 1 or round(fraction * len(train)) >= len(train):
+        raise ValueError(
+            f"The dataset has no split {args.val_split!r} (it has {sorted(dataset)}) and --validation_split_percentage "
+            f"{args.validation_split_percentage} of {len(train)} training images leaves no image on one side; name "
+            "a validation split with --val_split or choose a percentage in (0, 100)."
+        )
+    parts = train.train_test_split(test_size=fraction, seed=args.seed)
+    logger.info("No %r split: held out %d of %d training images (%.1f%%) as the validation split.", args.val_split,
+                len(parts["test"]), len(train), args.validation_split_percentage)  # fmt: skip
+    return datasets.DatasetDict({**dataset, args.train_split: parts["train"], args.val_split: parts["test"]})
+
+
+def has_masks(dataset):
+    """Whether every sample of a split has a ground-truth mask (a mask-free recipe runs otherwise)."""
+    if "semantic_mask" not in dataset.column_names or not len(dataset):
+        return False
+    masks = dataset.select_columns(["semantic_mask"]).cast_column("semantic_mask", datasets.Image(decode=False))
+    return all(mask is not None for mask in masks["semantic_mask"])
 
 
 def split(dataset, name):
@@ -651,9 +733,16 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     state = TrainState()
 
     candidates = CAM_NAMES if args.pseudo_label_cam == "auto" else (args.pseudo_label_cam,)
+    # Without masks on the selection subset, the epoch is kept by held-out classification (mask-free block below).
+    use_masks = has_masks(selection_subset)
+    heldout = None if use_masks else heldout_subset(args, dataset)
 
     def on_epoch_end(epoch, train_state):
         unwrapped = accelerator.unwrap_model(model)
+        if not use_masks:
+            keep_epoch_by_classification(args, accelerator, unwrapped, processor, heldout, epoch, train_state)
+            model.train()
+            return
         all_scores = evaluate_cams(unwrapped, selection_subset, cams=candidates, thresholds=thresholds,
                                    accelerator=accelerator, show_progress=False, **selection_passes)  # fmt: skip
         cam = max(candidates, key=lambda name: all_scores[name]["mean_iou"])
@@ -685,7 +774,57 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     )  # fmt: skip
     release_training_state(accelerator)
     results.update(cam_train_seconds=round(time.time() - start, 1), cam_train_steps=max_steps,
-                   cam_best_epoch=state.best_epoch, cam_selection_miou=state.best_metric)  # fmt: skip
+                   cam_best_epoch=state.best_epoch)  # fmt: skip
+    if use_masks:
+        results.update(cam_selection_rule="train_subset_cam_miou", cam_selection_miou=state.best_metric)
+        return
+    results.update(cam_selection_rule=CLASSIFICATION_RULE, cam_selection_heldout_loss=-state.best_metric,
+                   cam_selection_heldout_split=args.val_split, cam_selection_heldout_samples=len(heldout))  # fmt: skip
+    choose_pseudo_labels_without_masks(args, accelerator, selection_subset, candidates, thresholds, state, results)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No masks: the step-1 epoch, the pseudo-label CAM and threshold by the rules of weaktr_hf.selection
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def heldout_subset(args, dataset):
+    """Up to `--cam_eval_samples` images of the validation split, whose image-level labels score the step-1 epochs."""
+    heldout = split(dataset, args.val_split)
+    return heldout.select(range(min(args.cam_eval_samples or len(heldout), len(heldout))))
+
+
+def keep_epoch_by_classification(args, accelerator, model, processor, heldout, epoch, train_state):
+    """Mask-free epoch criterion: keep the epoch of the lowest held-out multi-label classification loss."""
+    loss = heldout_classification_loss(model, heldout, args.cam_image_size)
+    accelerator.log({"cam/heldout_loss": loss, "cam/epoch": epoch}, step=train_state.completed_steps)
+    improved = -loss > train_state.best_metric
+    accelerator.print(f"epoch {epoch}: held-out classification loss {loss:.4f} on {len(heldout)} "
+                      f"{args.val_split} images" + ("; best so far, saved" if improved else ""))  # fmt: skip
+    if improved:
+        train_state.best_metric, train_state.best_epoch = -loss, epoch
+        save_pretrained_atomic(model, os.path.join(args.output_dir, "cam"), processor, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),
+                              {"epoch": epoch, "epoch_rule": CLASSIFICATION_RULE, "heldout_loss": loss})  # fmt: skip
+
+
+def choose_pseudo_labels_without_masks(args, accelerator, subset, candidates, thresholds, state, results):
+    """Otsu's rule (`weaktr_hf.selection`) on the kept model's CAMs of the train subset, at the pseudo-labels' scales:
+    the CAM and background threshold, written to cam_selection.json next to the epoch."""
+    model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam")).to(accelerator.device)
+    choice = choose_cam_without_masks(model, subset, cams=candidates, thresholds=thresholds, scales=args.cam_scales,
+                                      flip=args.cam_flip, show_progress=accelerator.is_local_main_process)  # fmt: skip
+    accelerator.print(f"Mask-free choice (Otsu's rule on {choice['num_images']} train images): {choice['cam']} at "
+                      f"threshold {choice['threshold']:.2f}; " + ", ".join(
+                          f"{name} t={value['threshold']:.2f} separability {value['separability']:.3f}"
+                          for name, value in choice["per_cam"].items()))  # fmt: skip
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),
+                          {"epoch": state.best_epoch, "epoch_rule": CLASSIFICATION_RULE,
+                           "heldout_loss": -state.best_metric, **choice})  # fmt: skip
+    accelerator.wait_for_everyone()
+    results.update(cam_choice_rule=choice["rule"], cam_choice=choice["cam"], cam_choice_threshold=choice["threshold"])
 
 
 def pseudo_label_choice(args):
@@ -697,9 +836,21 @@ def pseudo_label_choice(args):
         raise FileNotFoundError(f"{path} is missing: run --stage cam first, or give --cam_threshold and a CAM name.")
     with open(path, encoding="utf-8") as handle:
         selection = json.load(handle)
+    if "cam" not in selection:
+        raise ValueError(f"{path} holds no CAM choice (the cam stage stopped early?); rerun --stage cam.")
     cam = selection["cam"] if args.pseudo_label_cam == "auto" else args.pseudo_label_cam
-    threshold = selection["threshold"] if args.cam_threshold == "sweep" else args.cam_threshold
+    # The mask-free rule records a threshold per CAM; the mask-based one the chosen CAM's.
+    per_cam = selection.get("per_cam", {})
+    threshold = per_cam.get(cam, selection)["threshold"] if args.cam_threshold == "sweep" else args.cam_threshold
     return cam, threshold
+
+
+def pseudo_label_choice_rule(args):
+    """How the pseudo-label CAM and threshold were chosen, for all_results.json."""
+    if args.cam_threshold != "sweep" and args.pseudo_label_cam != "auto":
+        return "given"
+    with open(os.path.join(args.output_dir, "cam_selection.json"), encoding="utf-8") as handle:
+        return json.load(handle).get("rule", "train_subset_cam_miou")
 
 
 def pseudo_stage(args, accelerator, dataset, class_names, results):
@@ -728,8 +879,9 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
     results["pseudo_labels_written_per_process"] = [len(written) for _, written, _ in sorted(shards)]
     accelerator.print(f"Pseudo-labels: wrote {sum(results['pseudo_labels_written_per_process'])} "
                       f"({results['pseudo_labels_written_per_process']} per process), {len(done)} in all")  # fmt: skip
-    results.update(pseudo_label_threshold=threshold, pseudo_label_cam=cam)
-    if "semantic_mask" not in train.column_names or train[0]["semantic_mask"] is None:
+    results.update(pseudo_label_threshold=threshold, pseudo_label_cam=cam,
+                   pseudo_label_choice_rule=pseudo_label_choice_rule(args))  # fmt: skip
+    if not has_masks(train):
         accelerator.print("The training split has no ground-truth masks: pseudo-labels and CAMs are not scored.")
         return
     if accelerator.is_main_process:
@@ -796,43 +948,61 @@ def seg_stage(args, accelerator, dataset, class_names, results):
 
 
 def eval_stage(args, accelerator, dataset, class_names, results):
-    """Segmentation mIoU on the validation split: single scale, multi-scale + flip, and with the dense CRF when
-    `--eval_crf` is set; PNGs of a few images."""
+    """The segmenter on the validation split (multi-scale + flip): one prediction PNG per image in predictions/,
+    figures of a few; mIoU (single scale, multi-scale + flip, and with the dense CRF when `--eval_crf` is set) on
+    the images that have a mask (none without)."""
     val = split(dataset, args.val_split)
     if args.eval_ids:
         val = select_ids(val, read_ids(args.eval_ids), "--eval_ids")
     model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).to(accelerator.device)
     figures = os.path.join(args.output_dir, "figures")
+    predictions = os.path.join(args.output_dir, "predictions")
     os.makedirs(figures, exist_ok=True)
 
     def save_prediction(index, example, prediction):
+        save_label_png(os.path.join(predictions, f"{example['id']}.png"), prediction.astype(np.uint8))
         if index < args.num_visualizations:
-            panel = side_by_side([example["image"], colorize_mask(prediction), colorize_mask(example["semantic_mask"])],
-                                 titles=["image", "prediction", "ground truth"], min_side=FIGURE_MIN_SIDE,
-                                 legend=["background", *class_names])  # fmt: skip
-            panel.save(os.path.join(figures, f"prediction_{example['id']}.png"))
+            panels, titles = [example["image"], colorize_mask(prediction)], ["image", "prediction"]
+            if example.get("semantic_mask") is not None:
+                panels.append(colorize_mask(example["semantic_mask"]))
+                titles.append("ground truth")
+            side_by_side(panels, titles=titles, min_side=FIGURE_MIN_SIDE, legend=["background", *class_names]).save(
+                os.path.join(figures, f"prediction_{example['id']}.png")
+            )
 
     processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
                                      image_std=list(args.seg_image_std))  # fmt: skip
     common = dict(window_size=args.window_size, window_stride=args.window_stride, accelerator=accelerator,
                   max_samples=args.eval_samples, base_size=args.eval_base_size, min_size=args.eval_min_size,
-                  aux_weight=args.eval_aux_weight,
+                  aux_weight=args.eval_aux_weight, skip_unlabelled=True,
                   image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0])  # fmt: skip
     crf = EVAL_CRF_PRESETS[args.eval_crf] if args.eval_crf else None
-    single = evaluate_segmentation(model, val, scales=(1.0,), flip=False, **common)
     multi = evaluate_segmentation(model, val, scales=args.eval_scales, flip=True, on_prediction=save_prediction,
                                   crf=crf, **common)  # fmt: skip
-    final = multi["crf"] if crf is not None else multi
-    results.update(
-        seg_val_miou=single["mean_iou"], seg_val_miou_ms_flip=multi["mean_iou"],
-        seg_val_pixel_accuracy=single["overall_accuracy"],
-        seg_val_per_class_iou={name: _float(iou) for name, iou in zip(["background", *class_names],
-                                                                         final["per_category_iou"])},
-    )  # fmt: skip
-    if crf is not None:
-        results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
-    if "final_only" in multi:  # the ensemble's final decoder output alone, from the same passes
-        results["seg_val_miou_ms_flip_final_only"] = multi["final_only"]["mean_iou"]
+    num_predicted = len(val) if args.eval_samples is None else min(args.eval_samples, len(val))
+    results.update(seg_val_predictions=predictions, seg_val_predicted_samples=num_predicted,
+                   seg_val_scored_samples=multi["num_scored"])  # fmt: skip
+    if multi["num_scored"] == 0:
+        note = (f"mIoU needs ground-truth masks and the {args.val_split!r} split has none: wrote {num_predicted} "
+                f"predictions to {predictions} and figures to {figures}, not scored.")  # fmt: skip
+        accelerator.print(note)
+        results.update(seg_val_miou=None, seg_val_miou_ms_flip=None, seg_val_note=note)
+    else:
+        if multi["num_scored"] < num_predicted:
+            accelerator.print(f"mIoU on the {multi['num_scored']} of {num_predicted} validation images that have a "
+                              "mask; all of them have a prediction PNG.")  # fmt: skip
+        single = evaluate_segmentation(model, val, scales=(1.0,), flip=False, show_progress=False, **common)
+        final = multi["crf"] if crf is not None else multi
+        results.update(
+            seg_val_miou=single["mean_iou"], seg_val_miou_ms_flip=multi["mean_iou"],
+            seg_val_pixel_accuracy=single["overall_accuracy"],
+            seg_val_per_class_iou={name: _float(iou) for name, iou in zip(["background", *class_names],
+                                                                             final["per_category_iou"])},
+        )  # fmt: skip
+        if crf is not None:
+            results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
+        if "final_only" in multi:  # the ensemble's final decoder output alone, from the same passes
+            results["seg_val_miou_ms_flip_final_only"] = multi["final_only"]["mean_iou"]
     if accelerator.is_main_process:
         save_cam_overlays(args, split(dataset, args.train_split), figures, class_names)
 

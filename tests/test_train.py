@@ -200,3 +200,37 @@ def test_tracking_logs_the_three_cam_losses_lr_and_selection_miou(script, tmp_pa
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"cam/loss", "cam/class_loss", "cam/coarse_loss", "cam/fine_loss", "cam/lr", "cam/selection_miou"} <= tags
+
+
+@pytest.fixture(scope="module")
+def mask_free_run(script, tmp_path_factory):
+    """The whole recipe on the synthetic set with every mask removed (train and val), saved like a user's dataset."""
+    from weaktr_hf.data import load_wsss_dataset
+
+    root = tmp_path_factory.mktemp("mask_free")
+    dataset = load_wsss_dataset("synthetic", num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=32, seed=42)
+    dataset.remove_columns("semantic_mask").save_to_disk(str(root / "data"))
+    output_dir = root / "run"
+    results = script.main(["--output_dir", str(output_dir), *TINY, "--dataset_path", str(root / "data")])
+    return output_dir, results
+
+
+def test_whole_recipe_runs_without_masks_and_records_its_rules(mask_free_run):
+    output_dir, results = mask_free_run
+    saved = json.loads((output_dir / "all_results.json").read_text())
+    assert saved["cam_selection_rule"] == "heldout_classification_loss" and saved["cam_selection_heldout_loss"] > 0
+    assert saved["pseudo_label_choice_rule"] == "otsu" and saved["cam_choice_rule"] == "otsu"
+    selection = json.loads((output_dir / "cam_selection.json").read_text())
+    assert selection["cam"] == saved["pseudo_label_cam"] in ("coarse_cam", "fine_cam", "cross_attention")
+    assert selection["threshold"] == saved["pseudo_label_threshold"] in (0.3, 0.5)
+    assert selection["epoch"] == saved["cam_best_epoch"] in (0, 1)
+    # Nothing was scored, and the eval stage says why.
+    assert "pseudo_label_miou" not in saved and "fine_cam_miou" not in saved and saved["seg_val_miou"] is None
+    assert "mIoU needs ground-truth masks" in saved["seg_val_note"]
+    assert isinstance(WeakTrForCAM.from_pretrained(output_dir / "cam"), WeakTrForCAM)
+    assert isinstance(WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg"), WeakTrForSemanticSegmentation)
+    assert len(list((output_dir / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+    predictions = sorted((output_dir / "predictions").glob("*.png"))
+    assert len(predictions) == NUM_VAL == saved["seg_val_predicted_samples"]
+    figures = sorted(path.name for path in (output_dir / "figures").glob("*.png"))
+    assert sum(name.startswith("prediction_") for name in figures) == 2 and any(n.startswith("cam_") for n in figures)

@@ -116,6 +116,7 @@ def evaluate_segmentation(
     base_size=None,
     min_size=None,
     aux_weight=0.0,
+    skip_unlabelled=False,
 ):
     """
     Score a `WeakTrForSemanticSegmentation` on the dataset's masks: softmax probabilities from `segment` (sliding
@@ -126,10 +127,12 @@ def evaluate_segmentation(
     on their unnormalised ensemble `aux_weight x P1 + P2`), and both scores are returned.
 
     Returns the metric dict of `ConfusionMatrix.compute()` (`mean_iou`, `per_category_iou`, `overall_accuracy`, ...)
-    of the prediction; with `crf` it also holds `"crf"`: the same dict for the CRF-refined prediction, and with
-    `aux_weight > 0` `"final_only"`: the dict of the final decoder output alone (the same forward passes).
-    `on_prediction(index, example, prediction)` is called for each scored sample (e.g. to save a few PNGs) with the
-    final (CRF-refined when `crf` is given) prediction.
+    of the prediction, plus `num_scored`, the samples with a mask; with `crf` it also holds `"crf"`: the same dict
+    for the CRF-refined prediction, and with `aux_weight > 0` `"final_only"`: the dict of the final decoder output
+    alone (the same forward passes). `on_prediction(index, example, prediction)` is called for each predicted sample
+    (e.g. to save PNGs) with the final (CRF-refined when `crf` is given) prediction. A sample without a mask is an
+    error, or with `skip_unlabelled` predicted (and passed to `on_prediction`) but not scored; with no mask at all
+    `mean_iou` is NaN.
     """
     transform = image_transform or _default_image_transform()
     names = ["main"] + (["crf"] if crf is not None else []) + (["final_only"] if aux_weight > 0 else [])
@@ -137,30 +140,37 @@ def evaluate_segmentation(
     device = next(model.parameters()).device
     indices = _shard(dataset, accelerator, max_samples)
     main = accelerator is None or accelerator.is_local_main_process
+    scored = 0
     for index in tqdm(indices, desc="segmentation mIoU", disable=not (show_progress and main)):
         example = dataset[index]
-        reference = _reference(example)
+        reference = None if skip_unlabelled and example.get("semantic_mask") is None else _reference(example)
         pixel_values = transform(example["image"]).unsqueeze(0).to(device)
         final, aux = _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, 4, base_size,
                                     min_size, aux=aux_weight > 0)  # fmt: skip
         probabilities = (final if aux is None else (final + aux_weight * aux) / (1.0 + aux_weight))[0]
         prediction = probabilities.argmax(0).cpu().numpy()
-        matrices["main"].update(prediction, reference)
-        if aux is not None:
-            matrices["final_only"].update(final[0].argmax(0).cpu().numpy(), reference)
+        if reference is not None:
+            scored += 1
+            matrices["main"].update(prediction, reference)
+            if aux is not None:
+                matrices["final_only"].update(final[0].argmax(0).cpu().numpy(), reference)
         if crf is not None:
             from .crf import crf_refine_present_classes
 
             # The authors' CRF sees aux_weight x P1 + P2 unnormalised (its unary clips probabilities at 1).
             ensemble = probabilities.float().cpu().numpy() * (1.0 + aux_weight)
             prediction = crf_refine_present_classes(pil_image_to_uint8(example["image"]), ensemble, **crf)
-            matrices["crf"].update(prediction, reference)
+            if reference is not None:
+                matrices["crf"].update(prediction, reference)
         if on_prediction is not None:
             on_prediction(index, example, prediction)
     summed = _sum_across_processes(list(matrices.values()), accelerator)
     results = {name: matrix.compute() for name, matrix in zip(names, summed)}
     main_result = results.pop("main")
     main_result.update(results)
+    if accelerator is not None and accelerator.num_processes > 1:
+        scored = int(accelerator.reduce(torch.tensor([scored], device=accelerator.device), reduction="sum").item())
+    main_result["num_scored"] = scored
     return main_result
 
 

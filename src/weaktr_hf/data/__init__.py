@@ -14,7 +14,7 @@ import datasets
 
 from .coco import get_coco_category_ids, is_coco_root, load_coco, render_coco_semantic_mask
 from .collators import IMAGE_IDS_KEY, CAMCollator, SegmentationCollator
-from .hub import load_hub_dataset, to_wsss_schema
+from .hub import load_hub_dataset, shared_class_names, to_wsss_schema
 from .schema import (
     BadSampleError,
     get_class_names,
@@ -73,6 +73,10 @@ def load_wsss_dataset(source="synthetic", split=None, streaming=False, **kwargs)
         if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
             return to_wsss_schema(source, split=split or "train", **kwargs)
         names = list(source) if split is None else ([split] if isinstance(split, str) else list(split))
+        # Class names given as strings in the label column are collected over all splits, so ids agree across them.
+        kwargs["class_names"] = shared_class_names(
+            {name: source[name] for name in names}, kwargs.get("labels_column"), kwargs.get("class_names")
+        )
         mapped = {name: to_wsss_schema(source[name], split=name, **kwargs) for name in names}
         if isinstance(split, str):
             return mapped[split]

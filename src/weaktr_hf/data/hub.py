@@ -1,11 +1,21 @@
 """Any `datasets` dataset (from the Hub, `save_to_disk`, or parquet files) mapped to the WSSS schema.
 
-The caller names the image, mask and label columns. Image-level labels come from the label column (foreground ids
-0..C-1) or, without one, from the mask (0 background, k + 1 for class k, 255 ignore). Class names come from
-`class_names=`, else from the label column's `ClassLabel` names, else from what `load_wsss_dataset` recorded.
+The caller names the image, mask and label columns. Image-level labels come from the label column or, without one,
+from the mask (0 background, k + 1 for class k, 255 ignore). Class names come from `class_names=`, else from the
+label column's `ClassLabel` names, else from what `load_wsss_dataset` recorded, else (a label column of class-name
+strings) from the names the data uses, sorted.
+
+A label value is a class id, a class name, or a list of either; a string holding several names is a JSON list
+(`'["cat", "dog"]'`) or names separated by `;`, `,` or `|` (`"cat;dog"`); `"[]"` or `""` means background only. This
+reads the `metadata.csv` / `metadata.jsonl` of `datasets`' ImageFolder layout (`file_name` plus a labels column) and
+its class-named subfolders (a single `ClassLabel` column, `label`). A missing value (an empty CSV cell) is an error, so
+that a forgotten row is not silently taken for a background-only image.
 """
 
+import json
 import logging
+import math
+import re
 from pathlib import Path
 
 import datasets
@@ -52,6 +62,91 @@ def _class_names_from(dataset, labels_column, class_names):
     )
 
 
+LABEL_NAME_SEPARATORS = r"[;,|]"
+LABEL_COLUMN_DEFAULTS = ("labels", "label")  # the schema's name, then ImageFolder's for class-named subfolders
+
+
+def split_label_value(value, name):
+    """One row's label value as a list of class ids and/or class names (see the module docstring for the formats)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise BadSampleError(
+            f"{name} has no value in the labels column; write [] (or an empty string in JSON lines) for an image with "
+            "background only"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return [part.strip() for part in re.split(LABEL_NAME_SEPARATORS, text) if part.strip()]
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise BadSampleError(f"{name} has labels {value!r}, which is not a valid JSON list ({error})") from error
+        if not isinstance(value, list):
+            raise BadSampleError(f"{name} has labels {text!r}; a JSON label value must be a list")
+    if np.ndim(value) == 0:
+        return [value]
+    return list(value)
+
+
+def label_names_to_ids(values, label2id, name):
+    """Class names (strings) of one row as ids 0..C-1 via `label2id`; ids pass through; unknown names are an error."""
+    ids = []
+    for value in values:
+        if isinstance(value, str):
+            if value.strip() not in label2id:
+                raise BadSampleError(
+                    f"{name} has label {value!r}, which is not one of the class names {list(label2id)}; fix the row, "
+                    "or add the name to the class names (train.py --class_names, or class_names=)"
+                )
+            value = label2id[value.strip()]
+        ids.append(value)
+    return ids
+
+
+def _holds_strings(feature):
+    """Whether a label column's feature holds class-name strings (a string, or a list of strings)."""
+    feature = getattr(feature, "feature", feature)
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def infer_label_names(splits, labels_column):
+    """The sorted class names used by a string label column across all splits (datasets in memory, not streaming)."""
+    names = set()
+    for split_name, dataset in splits.items():
+        for index, value in enumerate(dataset[labels_column]):
+            try:
+                values = split_label_value(value, f"row {index}")
+            except BadSampleError:
+                continue  # reported with the file's name when the row is mapped
+            names.update(str(v).strip() for v in values if isinstance(v, str))
+    if not names:
+        raise ValueError(
+            f"the label column {labels_column!r} names no class in any row; pass class_names=[...] (train.py "
+            "--class_names)."
+        )
+    logger.info("class names from the %r column, sorted: %s", labels_column, sorted(names))
+    return sorted(names)
+
+
+def shared_class_names(splits, labels_column=None, class_names=None):
+    """One list of class names for every split: as given, else (a string label column) inferred over all splits.
+
+    Returns None when the names are to come from each split's `ClassLabel` feature or recorded metadata instead.
+    """
+    if class_names is not None or not splits:
+        return class_names
+    first = next(iter(splits.values()))
+    column = labels_column or next((c for c in LABEL_COLUMN_DEFAULTS if c in (first.features or {})), None)
+    if column is None or not _holds_strings((first.features or {}).get(column)):
+        return None
+    if any(isinstance(ds, datasets.IterableDataset) for ds in splits.values()):
+        raise ValueError(
+            f"the label column {column!r} holds class names; with streaming=True pass class_names=[...] in label "
+            "order, as they cannot be collected from the data first."
+        )
+    return infer_label_names(splits, column)
+
+
 def _storage(value, name, is_mask=True):
     """A `datasets.Image` storage dict for an image/mask value: undecoded storage, a PIL image, or an array.
 
@@ -81,15 +176,28 @@ def _storage(value, name, is_mask=True):
     return encode_mask_png(array)
 
 
-def _example_to_schema(example, index, image_column, mask_column, labels_column, id_column, num_classes, verify):
+def _sample_id(example, index, image_column, id_column):
+    """The id column's value; else the row index, followed by the file's stem when the image is a file."""
+    if id_column:
+        return str(example[id_column])
+    value = example[image_column]
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"{index:08d}_{Path(path).stem}" if path else f"{index:08d}"
+
+
+def _example_to_schema(
+    example, index, image_column, mask_column, labels_column, id_column, num_classes, verify, label2id=None
+):
     """One row of the source dataset -> a schema row, with the reason it is unusable (or None)."""
-    sample_id = str(example[id_column]) if id_column else f"{index:08d}"
+    sample_id = _sample_id(example, index, image_column, id_column)
     row = {"image": None, "semantic_mask": None, "labels": [], "id": sample_id, ERROR_COLUMN: None}
+    path = example[image_column].get("path") if isinstance(example[image_column], dict) else None
+    where = f"sample {sample_id}" + (f" ({path})" if path else "")  # names the file in errors, where there is one
     try:
         row["image"] = _storage(example[image_column], f"image of sample {sample_id}", is_mask=False)
         if row["image"] is None:
             raise BadSampleError(f"sample {sample_id} has no image in column {image_column!r}")
-        image_size = check_image(row["image"], f"of sample {sample_id}", verify)
+        image_size = check_image(row["image"], f"of {where}", verify)
         mask_labels = None
         if mask_column and example[mask_column] is not None:
             row["semantic_mask"] = _storage(example[mask_column], f"mask of sample {sample_id}")
@@ -100,7 +208,8 @@ def _example_to_schema(example, index, image_column, mask_column, labels_column,
                 mask_to_array(mask, f"of sample {sample_id}"), num_classes, f"of {sample_id}"
             )
         if labels_column:
-            row["labels"] = check_labels(example[labels_column], num_classes, f"sample {sample_id}")
+            ids = label_names_to_ids(split_label_value(example[labels_column], where), label2id or {}, where)
+            row["labels"] = check_labels(ids, num_classes, where)
         elif mask_labels is not None:
             row["labels"] = mask_labels
         else:
@@ -126,7 +235,8 @@ def _resolve_columns(dataset, image_column, mask_column, labels_column, id_colum
     mask_column = check(
         "mask", mask_column if mask_column else ("semantic_mask" if "semantic_mask" in columns else None)
     )
-    labels_column = check("labels", labels_column if labels_column else ("labels" if "labels" in columns else None))
+    default_labels = next((name for name in LABEL_COLUMN_DEFAULTS if name in columns), None)
+    labels_column = check("labels", labels_column if labels_column else default_labels)
     id_column = check("id", id_column if id_column else ("id" if "id" in columns else None))
     if mask_column is None and labels_column is None:
         raise ValueError(
@@ -190,6 +300,7 @@ def to_wsss_schema(
         "id_column": id_column,
         "num_classes": len(names),
         "verify": verify_images,
+        "label2id": {name: i for i, name in enumerate(names)},  # label values may be class names
     }
     map_kwargs = {
         "with_indices": True,
@@ -249,6 +360,7 @@ def load_hub_dataset(
     single = isinstance(loaded, (datasets.Dataset, datasets.IterableDataset))
     splits = {split: loaded} if single else dict(loaded)
     single = isinstance(split, str)
+    class_names = shared_class_names(splits, labels_column, class_names)
     # Keep the features of the source: `to_iterable_dataset` and streaming parquet keep them, so ClassLabel names
     # and Image columns are visible to the mapping.
     mapped = {

@@ -1,0 +1,153 @@
+"""Choices of the recipe that need no pixel labels: the step-1 epoch, the pseudo-label CAM and the background threshold.
+
+With ground-truth masks the recipe picks these on a train subset by mIoU (`weaktr_hf.evaluation.evaluate_cams`).
+Without masks it uses the rules below, measured against the mask-based choice in `benchmarks/mask_free_selection.py`
+(README, "Train on your own images").
+
+- Epoch: the lowest multi-label classification loss of the class-token logits on held-out images
+  (`heldout_classification_loss`): image-level labels are all it needs.
+- Background threshold and CAM (`choose_cam_without_masks`): Otsu's rule on the CAMs themselves. For each image the
+  foreground score of a pixel is its largest present-class CAM (the maps are min-max normalised per class, as for the
+  pseudo-labels); Otsu's threshold splits that image's scores into the two groups of least within-group variance, and
+  its separability (between-group variance over total variance, 0..1) says how cleanly they split. A CAM's threshold is
+  the median of its images' Otsu thresholds, snapped to the nearest candidate threshold; the CAM chosen is the one whose
+  images split most cleanly (highest mean separability).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .inference import generate_cams
+
+OTSU_RULE = "otsu"
+CLASSIFICATION_RULE = "heldout_classification_loss"
+OTSU_BINS = 64
+
+
+def otsu_threshold(values, bins=OTSU_BINS):
+    """Otsu's threshold of values in [0, 1] and its separability (between-group / total variance, 0 if constant).
+
+    Returns `(threshold, separability)`: values above `threshold` form the upper group.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    histogram, edges = np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    probability = histogram / max(histogram.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(probability)
+    mean_low_sum = np.cumsum(probability * centres)
+    total_mean = mean_low_sum[-1]
+    total_variance = float((probability * (centres - total_mean) ** 2).sum())
+    weight_high = 1.0 - weight_low
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mean * weight_low - mean_low_sum) ** 2 / (weight_low * weight_high)
+    between = np.nan_to_num(between[:-1], nan=0.0, posinf=0.0)
+    if total_variance <= 0 or not between.size:
+        return 0.5, 0.0
+    best = int(np.argmax(between))
+    return float(edges[best + 1]), float(between[best] / total_variance)
+
+
+def choose_cam_without_masks(
+    model,
+    dataset,
+    cams=("coarse_cam", "fine_cam", "cross_attention"),
+    thresholds=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    scales=(1.0,),
+    flip=False,
+    image_transform=None,
+    max_samples=None,
+    show_progress=True,
+):
+    """
+    Pick the pseudo-label CAM and background threshold of a `WeakTrForCAM` without masks (Otsu's rule, module
+    docstring), from the images and image-level labels of `dataset` (the project schema).
+
+    Images with no present class (background only) carry no CAM and are left out.
+
+    Returns:
+        `{"rule": "otsu", "cam": name, "threshold": t, "per_cam": {name: {"threshold", "raw_threshold",
+        "separability"}}, "num_images": n}`.
+    """
+    from .pseudo_labels import _default_image_transform
+
+    transform = image_transform or _default_image_transform()
+    device = next(model.parameters()).device
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    samples = dataset.select_columns(["image", "labels"])
+    per_image = {cam: [] for cam in cams}
+    for index in tqdm(range(count), desc="mask-free CAM choice", disable=not show_progress):
+        example = samples[index]
+        if not example["labels"]:
+            continue
+        pixel_values = transform(example["image"]).unsqueeze(0).to(device)
+        maps = generate_cams(model, pixel_values, [example["labels"]], scales=scales, flip=flip, cam=tuple(cams))
+        for cam in cams:
+            foreground = maps[cam][0, sorted(set(example["labels"]))].amax(dim=0)
+            per_image[cam].append(otsu_threshold(foreground.float().cpu().numpy()))
+    if not any(per_image.values()):
+        raise ValueError(
+            "no image of the subset has an image-level label, so there is no CAM to choose a threshold from; "
+            "give the pseudo-label threshold and CAM explicitly (train.py --cam_threshold and --pseudo_label_cam)."
+        )
+    candidates = np.asarray(thresholds, dtype=np.float64)
+    per_cam = {}
+    for cam, found in per_image.items():
+        raw = float(np.median([threshold for threshold, _ in found]))
+        per_cam[cam] = {
+            "threshold": float(candidates[np.argmin(np.abs(candidates - raw))]),
+            "raw_threshold": raw,
+            "separability": float(np.mean([separability for _, separability in found])),
+        }
+    cam = max(cams, key=lambda name: per_cam[name]["separability"])
+    return {
+        "rule": OTSU_RULE,
+        "cam": cam,
+        "threshold": per_cam[cam]["threshold"],
+        "per_cam": per_cam,
+        "num_images": len(per_image[cam]),
+    }
+
+
+def heldout_classification_loss(model, dataset, image_size, max_samples=None, batch_size=32, image_transform=None):
+    """
+    Mean multi-label soft-margin loss of a `WeakTrForCAM`'s class-token logits on `dataset` (the project schema),
+    images resized to `image_size`: the mask-free criterion for keeping the best step-1 epoch (lower is better).
+    Background-only images (no label) count too: every class should score low on them.
+    """
+    from .image_processing_weaktr import WeakTrImageProcessor
+
+    processor = WeakTrImageProcessor(size={"height": image_size, "width": image_size}, do_pad=False)
+    device = next(model.parameters()).device
+    num_labels = model.config.num_labels
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    samples = dataset.select_columns(["image", "labels"])
+    total, seen = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, count, batch_size):
+                batch = samples[start : min(start + batch_size, count)]
+                pixel_values = processor(batch["image"], return_tensors="pt").pixel_values.to(device)
+                targets = torch.zeros(len(batch["labels"]), num_labels, device=device)
+                for row, labels in enumerate(batch["labels"]):
+                    targets[row, list(labels)] = 1.0
+                logits = model(pixel_values=pixel_values).logits.float()
+                total += F.multilabel_soft_margin_loss(logits, targets, reduction="sum").item()
+                seen += len(batch["labels"])
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise ValueError("the held-out split is empty; it needs images to score the step-1 epochs.")
+    return total / seen
+
+
+__all__ = [
+    "CLASSIFICATION_RULE",
+    "OTSU_RULE",
+    "choose_cam_without_masks",
+    "heldout_classification_loss",
+    "otsu_threshold",
+]
