@@ -183,9 +183,13 @@ def test_single_label_classlabel_column_is_a_one_element_label_list():
 
 
 def test_labels_that_are_not_class_ids_name_what_is_expected():
-    source = datasets.Dataset.from_dict({"image": [image(22)], "labels": [["cat"]]})
+    # Class names are label values too (users' metadata files hold names); anything else is named with the choices.
+    assert to_wsss_schema(datasets.Dataset.from_dict({"image": [image(22)], "labels": [["cat"]]}), class_names=NAMES)[
+        "labels"
+    ] == [[0]]
+    source = datasets.Dataset.from_dict({"image": [image(22)], "labels": [["kitten"]]})
 
-    with pytest.raises(BadSampleError, match="expected a class id or a list of class ids"):
+    with pytest.raises(BadSampleError, match=r"label 'kitten', which is not one of the class names \['cat', 'dog'"):
         to_wsss_schema(source, class_names=NAMES)
 
 

@@ -13,7 +13,7 @@ from transformers import pipeline
 
 import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
-from weaktr_hf.data import get_class_names, get_metadata
+from weaktr_hf.data import BadSampleError, get_class_names, get_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -234,3 +234,27 @@ def test_whole_recipe_runs_without_masks_and_records_its_rules(mask_free_run):
     assert len(predictions) == NUM_VAL == saved["seg_val_predicted_samples"]
     figures = sorted(path.name for path in (output_dir / "figures").glob("*.png"))
     assert sum(name.startswith("prediction_") for name in figures) == 2 and any(n.startswith("cam_") for n in figures)
+
+
+def test_user_data_flags_name_columns_read_class_names_and_hold_out_a_split(script, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    rows = [("a.png", "fox"), ("b.png", "owl;fox"), ("c.png", "[]"), ("d.png", "owl")]
+    for i, (name, _) in enumerate(rows):
+        PIL.Image.new("RGB", (20, 16), (40 * i, 90, 10)).save(root / name)
+    (root / "metadata.csv").write_text("file_name,tags\n" + "".join(f"{n},{t}\n" for n, t in rows))
+    (tmp_path / "classes.txt").write_text("owl\nfox\n")
+
+    args = script.parse_args(["--dataset_path", str(root), "--labels_column_name", "tags", "--class_names",
+                              str(tmp_path / "classes.txt"), "--validation_split_percentage", "25"])  # fmt: skip
+    dataset = script.load_data(args)
+
+    assert get_class_names(dataset) == ["owl", "fox"] and (args.train_split, args.val_split) == ("train", "val")
+    assert (len(dataset["train"]), len(dataset["val"])) == (3, 1)
+    ids = list(dataset["train"]["id"]) + list(dataset["val"]["id"])
+    labels = list(dataset["train"]["labels"]) + list(dataset["val"]["labels"])
+    labels = dict(zip(ids, labels))
+    assert labels == {"00000000_a": [1], "00000001_b": [0, 1], "00000002_c": [], "00000003_d": [0]}
+    args = script.parse_args(["--dataset_path", str(root), "--labels_column_name", "tags", "--class_names", "owl"])
+    with pytest.raises(BadSampleError, match=r"a\.png\) has label 'fox', which is not one of the class names"):
+        script.load_data(args)
