@@ -1011,6 +1011,8 @@ def save_summary_figure(results, path):
     """mIoU of every stage of the run as bars, against the colour-threshold baseline (dashed) when it was scored."""
     values = {label.split(" (")[0]: None if results.get(key) is None else 100 * results[key]
               for label, key in TABLE_ROWS[1:]}  # fmt: skip
+    if all(value is None for value in values.values()):
+        return  # nothing scored (no masks): no bars to draw
     baseline = results.get("trivial_baseline_miou")
     bar_chart(values, reference=None if baseline is None else 100 * baseline, reference_label="colour baseline",
               title="mIoU % per stage (CAMs and pseudo-labels: train; segmentation: val)").save(path)  # fmt: skip

@@ -61,6 +61,19 @@ def colorize_mask(mask):
     return image
 
 
+def overlay_mask(image, mask, alpha=0.5):
+    """Blend a label map's `PALETTE` colours over an image: (1 - alpha) * image + alpha * colour, background (0) left
+    as it is. `mask` is (height, width) at the image's size. Returns an RGB PIL image."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+    rgb = _as_rgb_array(image).astype(np.float32)
+    labels = _as_label_array(mask)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"mask of shape {labels.shape} does not match the image's {rgb.shape[:2]}.")
+    blended = np.where((labels > 0)[..., None], (1.0 - alpha) * rgb + alpha * PALETTE[labels], rgb)
+    return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
+
+
 def jet_colormap(values):
     """Blue -> cyan -> yellow -> red colours for values in [0, 1], shape (..., 3) uint8 (a piecewise-linear jet)."""
     values = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
