@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from tqdm.auto import tqdm
 
@@ -44,10 +43,10 @@ from .crf import (
     VOC_PSEUDO_LABEL_CRF,
     crf_refine_present_classes,
 )
-from .image_processing_weaktr import WeakTrImageProcessor
+from .image_processing_weaktr import WeakTrImageProcessor, load_image_file, pil_image_to_uint8
 from .inference import cams_to_labels, generate_cams, segment
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
-from .pseudo_labels import _refine_with_crf, _uint8_image
+from .pseudo_labels import _refine_with_crf
 from .visualization import overlay_cam, overlay_mask, save_label_png
 
 logger = logging.getLogger("weaktr_hf.predict")
@@ -103,13 +102,6 @@ def output_names(images):
     return [f"{stem}_{relative.suffix[1:]}" if stem in clashes else stem for stem, (_, relative) in zip(stems, images)]
 
 
-def open_image(path):
-    """The image as displayed (EXIF orientation applied), fully decoded; PIL's errors for unreadable files."""
-    with PIL.Image.open(path) as image:
-        image.load()
-        return PIL.ImageOps.exif_transpose(image)
-
-
 class Predictor:
     """One loaded model and the options of a run; `__call__(image)` gives the label map and, for CAMs, the maps."""
 
@@ -138,7 +130,7 @@ class Predictor:
             probabilities = segment(self.model, pixel_values, self.window_size, self.window_stride,
                                     scales=self.args.scales, flip=self.args.flip)[0]  # fmt: skip
             if self.crf is not None:
-                return crf_refine_present_classes(_uint8_image(image), probabilities.cpu().numpy(), **self.crf), None
+                return crf_refine_present_classes(pil_image_to_uint8(image), probabilities.cpu().numpy(), **self.crf), None
             return probabilities.argmax(0).cpu().numpy(), None
         with torch.no_grad():
             resized = self.classify(image, return_tensors="pt").pixel_values.to(self.args.device)
@@ -148,7 +140,7 @@ class Predictor:
                              cam=self.args.cam)  # fmt: skip
         label_map = cams_to_labels(cams, [present], self.args.cam_threshold)[0].cpu().numpy()
         if self.crf is not None and present:
-            label_map = _refine_with_crf(_uint8_image(image), label_map, present, self.crf)
+            label_map = _refine_with_crf(pil_image_to_uint8(image), label_map, present, self.crf)
         return label_map, {i: cams[0, i].cpu().numpy() for i in present}
 
     def class_name(self, label):
@@ -169,21 +161,22 @@ def main(argv=None):
             done += 1
             continue
         try:
-            image = open_image(path)
+            image = load_image_file(str(path))  # as displayed (EXIF orientation applied)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             unreadable.append(str(path))
             logger.warning("skipped %s: cannot be read as an image (%s)", path, error)
             continue
         label_map, cams = predictor(image)
         label_map = label_map.astype(np.uint8)
+        pixels = pil_image_to_uint8(image) if args.overlays or args.save_cams else None  # 8-bit RGB, alpha on white
         if args.save_cams and cams:
             for class_id, cam in cams.items():
                 cam_path = out / "cams" / f"{name}_{predictor.class_name(class_id + 1)}.png"
                 cam_path.parent.mkdir(parents=True, exist_ok=True)
-                overlay_cam(image, cam).save(cam_path)
+                overlay_cam(pixels, cam).save(cam_path)
         if args.overlays:
             targets[1].parent.mkdir(parents=True, exist_ok=True)
-            overlay_mask(image, label_map).save(targets[1])
+            overlay_mask(pixels, label_map).save(targets[1])
         save_label_png(targets[0], label_map)  # last: its presence marks the image as done
         written += 1
     print(f"weaktr-predict: wrote {written} mask(s) to {out}, {done} already done, {len(unreadable)} unreadable"
