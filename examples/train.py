@@ -40,6 +40,7 @@ from weaktr_hf import (
     WeakTrImageProcessor,
     load_timm_backbone,
 )
+from weaktr_hf.configuration_weaktr import ENCODER_VARIANTS
 from weaktr_hf.crf import COCO_PSEUDO_LABEL_CRF, COCO_SEGMENTATION_CRF, SEGMENTATION_CRF, VOC_PSEUDO_LABEL_CRF
 from weaktr_hf.data import (
     SYNTHETIC_CONFIGURATIONS,
@@ -198,12 +199,43 @@ PRESETS["coco14-deit-s"] = dict(
     crf="coco14",  # crf_inference_label_coco (tool/imutils.py:22-38)
     eval_crf="coco14",  # crf_inference_coco (OR/eval/densecrf.py:40-70)
 )  # fmt: skip
+
+# Step 2 on the authors' other backbones (their README's step-2 table): step 1 stays DeiT-S, as theirs; the step-2
+# recipe is the DeiT-S one, since nothing in OR/train.py depends on the backbone but the model and its statistics.
+# Backbones are OR/config.yml's, named by timm's name of the same weights (weaktr_hf.timm_backbone.PRETRAINED_BACKBONES
+# says how each was loaded). Statistics: OR/data/utils.py:8-12 STATS x 255 rounded to 2 decimals (OR/data/base.py:
+# 35-37).
+STEP2_BACKBONES = {
+    # vit_small_patch16_384 (OR/config.yml:63-69, normalization vit): the ImageNet-21k augreg weights, loaded by timm
+    # 0.5.4's npz loader (load_custom_pretrained, OR/model/factory.py:103-104), which resizes the table bicubically.
+    "vit-s": dict(
+        seg_encoder="vit", seg_backbone="vit_small_patch16_384.augreg_in21k_ft_in1k",
+        seg_backbone_interpolation="bicubic", seg_image_mean=(0.5, 0.5, 0.5), seg_image_std=(0.5, 0.5, 0.5),
+    ),
+    # dinov2_small_patch16_224 (OR/config.yml:115-122, normalization deit as DeiT-S): DINOv2 ViT-S/14 LVD-142M
+    # (OR/model/factory.py:26, 98-100) in DINOV2VisionTransformer, a ViT with LayerScale (OR/model/vit.py).
+    "dinov2-s": dict(
+        seg_encoder="dinov2", seg_backbone="vit_small_patch14_dinov2.lvd142m", seg_backbone_interpolation="bilinear",
+    ),
+    # eva02_small_patch16_224 (OR/config.yml:140-147, normalization eva02): EVA-02-S MIM ImageNet-21k
+    # (OR/model/factory.py:27, 101-105); d_ff = int(4 * 2 / 3 * 384) = 1024 (OR/model/factory.py:78-80).
+    "eva02-s": dict(
+        seg_encoder="eva02", seg_intermediate_size=1024, seg_backbone="eva02_small_patch14_224.mim_in22k",
+        seg_backbone_interpolation="bilinear",
+        seg_image_mean=tuple(value / 255 for value in (122.77, 116.75, 104.09)),
+        seg_image_std=tuple(value / 255 for value in (68.5, 66.63, 70.32)),
+    ),
+}  # fmt: skip
+for _dataset in ("voc12", "coco14"):
+    for _backbone, _step2 in STEP2_BACKBONES.items():
+        PRESETS[f"{_dataset}-{_backbone}"] = dict(PRESETS[f"{_dataset}-deit-s"], **_step2)
 CRF_PRESETS = {"voc12": VOC_PSEUDO_LABEL_CRF, "coco14": COCO_PSEUDO_LABEL_CRF}
 EVAL_CRF_PRESETS = {"voc12": SEGMENTATION_CRF, "coco14": COCO_SEGMENTATION_CRF}
 FALLBACKS = dict(
     dataset_path="synthetic", train_split="train", val_split="val", seed=42, gradient_accumulation_steps=1,
     dataloader_num_workers=0, checkpoints_total_limit=2, logging_steps=10, max_train_steps=None,
     seg_max_train_steps=None, num_visualizations=4, crf="voc12", use_gradient_clipping=True, backbone=None,
+    seg_backbone=None, seg_encoder="vit", seg_intermediate_size=None, seg_backbone_interpolation=None,
     cam_model_name_or_path=None, num_threads=None,
     # Package defaults where the authors' recipe is not the point (the demo): a per-update cosine from 0 to 0 and a
     # poly decay to 0, decay-free biases and tokens, scales applied to the native image, no eval CRF or ensemble.
@@ -240,6 +272,14 @@ def parse_args(argv=None):
     add("--on_bad_sample", choices=("raise", "skip"), help="unreadable image / unknown label: stop with an error "
         "naming the file (default), or skip it with a log line")
     add("--backbone", help="ImageNet init: a timm model name (needs network) or a local timm checkpoint file")
+    add("--seg_backbone",
+        help="step-2 encoder init (default --backbone): a timm name, e.g. the authors' vit_small_patch14_dinov2.lvd142m"
+        " or eva02_small_patch14_224.mim_in22k (needs network), or a local file of those weights (timm or official)")
+    add("--seg_encoder", choices=sorted(ENCODER_VARIANTS),
+        help="step-2 block layout: vit (DeiT-S, ViT-S), dinov2 (LayerScale) or eva02 (SwiGLU, q/v bias, 2-D RoPE)")
+    add("--seg_intermediate_size", type=int, help="step-2 encoder MLP width (default --intermediate_size)")
+    add("--seg_backbone_interpolation", choices=("bilinear", "bicubic"),
+        help="resize of the --seg_backbone position table to the crop's grid (default: as the authors for the name)")
     add("--cam_model_name_or_path", help="start step 1 from a saved / converted WeakTrForCAM instead")
     add("--allow_random_init", action="store_true",
         help="let a paper preset train without --backbone / --cam_model_name_or_path (from random weights)")
@@ -382,6 +422,10 @@ def apply_preset(args, parser):
         if not str(args.checkpointing_steps).isdigit():
             parser.error(f"--checkpointing_steps must be an integer or 'epoch', got {args.checkpointing_steps!r}.")
         args.checkpointing_steps = int(args.checkpointing_steps)
+    args.seg_backbone = args.seg_backbone or args.backbone
+    if args.seg_init == "cam" and args.seg_encoder != "vit":
+        parser.error(f"--seg_init cam starts step 2 from the step-1 encoder, a plain ViT; --seg_encoder "
+                     f"{args.seg_encoder} needs --seg_init backbone (its pretrained weights) or scratch.")  # fmt: skip
     check_pretrained_init(args, parser)
     return args
 
@@ -392,12 +436,12 @@ def check_pretrained_init(args, parser):
     missing = []
     if "cam" in stages and not (args.backbone or args.cam_model_name_or_path):
         missing.append("step 1 needs --backbone (ImageNet weights) or --cam_model_name_or_path")
-    if "seg" in stages and args.seg_init == "backbone" and not args.backbone:
-        missing.append("step 2 (--seg_init backbone) needs --backbone")
+    if "seg" in stages and args.seg_init == "backbone" and not args.seg_backbone:
+        missing.append("step 2 (--seg_init backbone) needs --seg_backbone or --backbone")
     if missing and args.preset != "demo" and not args.allow_random_init and not args.print_config:
         parser.error(f"--preset {args.preset}: " + "; ".join(missing) + ". Without them training would start from "
                      "random weights; pass --allow_random_init to do that anyway.")  # fmt: skip
-    if args.seg_init == "backbone" and not args.backbone and not args.print_config:
+    if args.seg_init == "backbone" and not args.seg_backbone and not args.print_config:
         args.seg_init = "scratch"
 
 
@@ -580,8 +624,9 @@ def split(dataset, name):
     return dataset[name]
 
 
-def model_config(args, id2label, image_size, layer_norm_eps=None):
-    return WeakTrConfig(
+def model_config(args, id2label, image_size, layer_norm_eps=None, **encoder_fields):
+    """The config of either step; `encoder_fields` override the encoder's (step 2 on another backbone)."""
+    fields = dict(
         image_size=image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
         intermediate_size=args.intermediate_size, drop_path_rate=args.drop_path_rate,
@@ -593,6 +638,15 @@ def model_config(args, id2label, image_size, layer_norm_eps=None):
         use_gradient_clipping=args.use_gradient_clipping, clip_start_value=args.clip_start_value,
         clip_window_size=args.clip_window_size, id2label=id2label,
         layer_norm_eps=layer_norm_eps or (1e-6 if args.backbone else 1e-5),
+    )  # fmt: skip
+    return WeakTrConfig(**{**fields, **encoder_fields})
+
+
+def seg_model_config(args, id2label):
+    """Step 2's config: the encoder with the block layout of --seg_encoder and its MLP width."""
+    return model_config(
+        args, id2label, args.seg_image_size, args.seg_layer_norm_eps,
+        intermediate_size=args.seg_intermediate_size or args.intermediate_size, **ENCODER_VARIANTS[args.seg_encoder],
     )  # fmt: skip
 
 
@@ -908,11 +962,11 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
 def seg_stage(args, accelerator, dataset, class_names, results):
     """Step 2: train the segmenter on the pseudo-labels (gradient clipping on), save it with its processor."""
     train = pseudo_label_dataset(split(dataset, args.train_split), os.path.join(args.output_dir, "pseudo_labels"))
-    model = WeakTrForSemanticSegmentation(
-        model_config(args, segmentation_id2label(class_names), args.seg_image_size, args.seg_layer_norm_eps)
-    )
+    model = WeakTrForSemanticSegmentation(seg_model_config(args, segmentation_id2label(class_names)))
     if args.seg_init == "backbone":
-        load_timm_backbone(model, args.backbone)
+        report = load_timm_backbone(model, args.seg_backbone, position_interpolation=args.seg_backbone_interpolation)
+        logger.info("Step-2 backbone %s: %d tensors loaded, unused %s", args.seg_backbone, len(report.loaded_keys),
+                    report.unused_keys)  # fmt: skip
     elif args.seg_init == "cam":
         cam_model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam"))
         load_timm_backbone(model, encoder_state_from_cam(cam_model), strict=False)

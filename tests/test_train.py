@@ -258,3 +258,69 @@ def test_user_data_flags_name_columns_read_class_names_and_hold_out_a_split(scri
     args = script.parse_args(["--dataset_path", str(root), "--labels_column_name", "tags", "--class_names", "owl"])
     with pytest.raises(BadSampleError, match=r"a\.png\) has label 'fox', which is not one of the class names"):
         script.load_data(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 2 on the authors' other backbones
+# ---------------------------------------------------------------------------------------------------------------------
+
+# What each backbone preset changes in its DeiT-S twin: the step-2 encoder and its weights and statistics only.
+STEP2_CHANGES = {
+    "vit-s": dict(seg_encoder="vit", seg_backbone="vit_small_patch16_384.augreg_in21k_ft_in1k",
+                  seg_backbone_interpolation="bicubic", seg_image_mean=[0.5] * 3, seg_image_std=[0.5] * 3),
+    "dinov2-s": dict(seg_encoder="dinov2", seg_backbone="vit_small_patch14_dinov2.lvd142m",
+                     seg_backbone_interpolation="bilinear"),
+    "eva02-s": dict(seg_encoder="eva02", seg_intermediate_size=1024, seg_backbone="eva02_small_patch14_224.mim_in22k",
+                    seg_backbone_interpolation="bilinear", seg_image_mean=[122.77 / 255, 116.75 / 255, 104.09 / 255],
+                    seg_image_std=[68.5 / 255, 66.63 / 255, 70.32 / 255]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["voc12", "coco14"])
+@pytest.mark.parametrize("backbone", sorted(STEP2_CHANGES))
+def test_backbone_presets_are_the_deit_recipe_with_their_step2_encoder(script, dataset, backbone):
+    common = ["--dataset_path", "data", "--backbone", "deit_small_patch16_224"]
+    deit = vars(script.parse_args(["--preset", f"{dataset}-deit-s", *common]))
+    resolved = vars(script.parse_args(["--preset", f"{dataset}-{backbone}", *common]))
+    changed = {key for key in resolved if resolved[key] != deit[key] and key != "preset"}
+    assert changed <= set(STEP2_CHANGES[backbone])  # nothing else of the recipe differs
+    for key, value in STEP2_CHANGES[backbone].items():
+        assert list(resolved[key]) == value if isinstance(value, list) else resolved[key] == value, key
+    assert resolved["backbone"] == "deit_small_patch16_224" and resolved["seg_init"] == "backbone"
+
+
+def test_step2_trains_on_a_local_eva02_backbone_file(script, finished_run, tmp_path):
+    """`--seg_backbone FILE --seg_encoder eva02`: the official-layout EVA-02 weights (14-px patches scaled down to
+    7 px here, for the 8-px demo patches) load with the kernel resize, train, and the saved model is an EVA-02
+    segmenter with CLIP statistics in its processor."""
+    import shutil
+
+    import timm
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0] / "pseudo_labels", run / "pseudo_labels")
+    eva = timm.create_model("eva02_small_patch14_224", pretrained=False, img_size=28, patch_size=7, embed_dim=32,
+                            depth=2, num_heads=2, mlp_ratio=2.0)  # fmt: skip
+    state = {key.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.").replace("fc_norm.", "norm."): value
+             for key, value in eva.state_dict().items()}  # fmt: skip
+    torch.save({"module": state}, tmp_path / "eva02.pt")
+    clip_mean, clip_std = ["0.48145466", "0.4578275", "0.40821073"], ["0.26862954", "0.26130258", "0.27577711"]
+    script.main(["--output_dir", str(run), *TINY, "--stage", "seg", "--seg_init", "backbone", "--seg_encoder", "eva02",
+                 "--seg_intermediate_size", "64", "--seg_backbone", str(tmp_path / "eva02.pt"),
+                 "--seg_image_mean", *clip_mean, "--seg_image_std", *clip_std])  # fmt: skip
+    model = WeakTrForSemanticSegmentation.from_pretrained(run / "seg")
+    assert model.config.encoder_variant == "eva02" and model.config.intermediate_size == 64
+    assert model.config.layer_norm_eps == 1e-5
+    # Started from the file's weights (one short epoch at the demo's encoder lr moves them by ~1e-4 at most).
+    trained, source = model.weaktr.blocks[0].attn.qkv.weight, eva.blocks[0].attn.qkv.weight
+    assert 0 < (trained - source).abs().max() < 1e-2
+    from weaktr_hf import WeakTrImageProcessor
+
+    assert list(WeakTrImageProcessor.from_pretrained(run / "seg").image_mean) == [float(v) for v in clip_mean]
+
+
+def test_step2_encoder_other_than_vit_cannot_start_from_the_cam_encoder(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--seg_encoder", "dinov2", "--seg_init", "cam"])
+    assert "--seg_init cam starts step 2 from the step-1 encoder" in capsys.readouterr().err

@@ -5,6 +5,14 @@ from transformers import PreTrainedConfig
 POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
 AAF_POOLINGS = ("max", "avg")
 LOSS_AVERAGES = ("all_pixels", "valid_pixels")
+# Block layouts of the authors' step-2 encoders (shared/docs/BACKBONES.md): the WeakTrConfig fields that differ.
+# "vit" is DeiT-S and the augreg ViT-S; "dinov2" adds LayerScale; "eva02" has a SiLU-gated MLP (EVA-02-S: width 1024,
+# set `intermediate_size` with it), query/value biases only and 2-D RoPE.
+ENCODER_VARIANTS = {
+    "vit": dict(hidden_act="gelu", layerscale_value=None, use_gated_mlp=False, key_bias=True, use_rope=False),
+    "dinov2": dict(hidden_act="gelu", layerscale_value=1.0, use_gated_mlp=False, key_bias=True, use_rope=False),
+    "eva02": dict(hidden_act="silu", layerscale_value=None, use_gated_mlp=True, key_bias=False, use_rope=True),
+}
 
 
 class WeakTrConfig(PreTrainedConfig):
@@ -160,6 +168,13 @@ class WeakTrConfig(PreTrainedConfig):
         return height // self.patch_size, width // self.patch_size
 
     @property
+    def encoder_variant(self):
+        """Which `ENCODER_VARIANTS` layout the encoder has: `"eva02"`, `"dinov2"` or `"vit"` (plain)."""
+        if self.use_rope or self.use_gated_mlp or not self.key_bias:
+            return "eva02"
+        return "dinov2" if self.layerscale_value is not None else "vit"
+
+    @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
@@ -237,4 +252,4 @@ class WeakTrConfig(PreTrainedConfig):
             raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
 
 
-__all__ = ["WeakTrConfig"]
+__all__ = ["ENCODER_VARIANTS", "WeakTrConfig"]

@@ -522,7 +522,8 @@ def convert_state_dict(state_dict, stage, dataset=None, **config_overrides):
     if unused:
         logger.info("Keys the authors' model holds but never uses, not converted: %s", unused)
     if rope_tables:
-        logger.info("%d saved rotary tables match the recomputed ones; dropped (rebuilt per forward).", len(rope_tables))
+        logger.info("%d saved rotary tables match the recomputed ones; dropped (rebuilt per forward).",
+                    len(rope_tables))  # fmt: skip
     return config, converted
 
 
@@ -579,16 +580,9 @@ def _expected_shapes(config, stage):
     return {key: tuple(value.shape) for key, value in _empty_model(config, stage).state_dict().items()}
 
 
-def encoder_variant(config):
-    """`"eva02"`, `"dinov2"` or `"vit"` (plain): which of the authors' step-2 encoder layouts `config` describes."""
-    if config.use_rope or config.use_gated_mlp or not config.key_bias:
-        return "eva02"
-    return "dinov2" if config.layerscale_value is not None else "vit"
-
-
 def default_normalization(config):
     """The image statistics of the authors' recipe for this encoder: CLIP for EVA-02, ImageNet otherwise."""
-    return "eva02" if encoder_variant(config) == "eva02" else "deit"
+    return "eva02" if config.encoder_variant == "eva02" else "deit"
 
 
 def released_backbone(config, normalization):
@@ -598,7 +592,7 @@ def released_backbone(config, normalization):
     """
     if (config.hidden_size, config.num_hidden_layers) != (384, 12):
         return None
-    variant = encoder_variant(config)
+    variant = config.encoder_variant
     if variant == "vit":
         return "vit-s" if normalization == "vit" else "deit-s"
     return f"{variant}-s"
@@ -613,7 +607,8 @@ ENCODER_DESCRIPTIONS = {
 
 def _describe(config, stage):
     text = (
-        f"{ENCODER_DESCRIPTIONS[encoder_variant(config)]}, width {config.hidden_size}, depth {config.num_hidden_layers}, heads {config.num_attention_heads}, patch "
+        f"{ENCODER_DESCRIPTIONS[config.encoder_variant]}, width {config.hidden_size}, depth "
+        f"{config.num_hidden_layers}, heads {config.num_attention_heads}, patch "
         f"{config.patch_size}, image {config.image_size}, {config.num_labels} classes"
     )
     if stage == "seg":

@@ -1,8 +1,10 @@
-"""ImageNet initialisation of WeakTr's encoder from a timm ViT / DeiT checkpoint.
+"""Pretrained initialisation of WeakTr's encoder from timm ViT / DeiT / DINOv2 / EVA-02 weights.
 
 Kept apart from the models (like timm's `checkpoint_filter_fn`) so the modeling file stays a forward pass. The
 encoder uses timm's parameter names, so the mapping is mostly one to one; what differs is the number of prefix
-tokens (C class tokens in step 1) and the patch grid.
+tokens (C class tokens in step 1), the patch grid, and for the authors' step-2 backbones the patch size: DINOv2 and
+EVA-02 were pretrained on 14-px patches, which the authors resize to 16 px (OnlineRetraining/segm/model/utils.py
+`checkpoint_filter_fn`, shared/docs/BACKBONES.md section 2.3).
 """
 
 import logging
@@ -10,13 +12,33 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .modeling_weaktr import WeakTrModel, resize_position_embeddings
 
 logger = logging.getLogger(__name__)
 
-# timm keys that no WeakTr encoder uses: classifier heads, distillation token, pooled-feature norm.
-UNUSED_TIMM_PREFIXES = ("head.", "head_dist.", "dist_token", "fc_norm.", "pre_logits.")
+# timm keys that no WeakTr encoder uses: classifier heads, distillation token, pooled-feature norm; the masked-image-
+# modelling parts of the official DINOv2 / EVA-02 files (mask token, EVA's `lm_head`).
+UNUSED_TIMM_PREFIXES = ("head.", "head_dist.", "dist_token", "fc_norm.", "pre_logits.", "mask_token", "lm_head.")
+
+# The pretrained weights the authors' step-2 encoders start from, by timm name (OR = OnlineRetraining/segm/):
+# backbone names and statistics in OR/config.yml, loading in OR/model/factory.py. The variant is read from the keys;
+# what cannot be is listed here: the image statistics of the recipe and how the position table was resized.
+PRETRAINED_BACKBONES = {
+    # deit_small_patch16_224: timm's ImageNet-1k DeiT-S; table 14x14 -> 30x30 bilinear (OR/model/utils.py:22-40, 55).
+    "deit_small_patch16_224.fb_in1k": dict(normalization="deit", position_interpolation="bilinear"),
+    # vit_small_patch16_384: the augreg ImageNet-21k weights fine-tuned on ImageNet-1k, loaded from the .npz by timm
+    # 0.5.4's _load_weights, whose resize_pos_embed is bicubic (24x24 -> 30x30); statistics "vit" (0.5).
+    "vit_small_patch16_384.augreg_in21k_ft_in1k": dict(normalization="vit", position_interpolation="bicubic"),
+    # dinov2_small_patch16_224: DINOv2 ViT-S/14 LVD-142M; kernel 14 -> 16 bicubic, table 37x37 -> 30x30 bilinear.
+    "vit_small_patch14_dinov2.lvd142m": dict(normalization="deit", position_interpolation="bilinear"),
+    # eva02_small_patch16_224: EVA-02-S MIM (ImageNet-21k); kernel 14 -> 16 bicubic, table 16x16 -> 30x30 bilinear.
+    "eva02_small_patch14_224.mim_in22k": dict(normalization="eva02", position_interpolation="bilinear"),
+}
+
+# Official EVA-02 / xformers names of the packed SwiGLU -> the gated MLP's (timm's) names.
+BACKBONE_KEY_RENAMES = ((".mlp.w12.", ".mlp.fc1."), (".mlp.w3.", ".mlp.fc2."))
 
 
 @dataclass
@@ -68,21 +90,77 @@ def _read_source(source):
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
-def load_timm_backbone(model, source, strict=True):
-    """
-    Copy an ImageNet timm ViT/DeiT checkpoint into the encoder of `model` (`WeakTrForCAM`,
-    `WeakTrForSemanticSegmentation` or `WeakTrModel`).
+def resize_patch_kernel(weight, patch_size):
+    """A patch-embedding kernel `(out, in, k, k)` resized to `patch_size`: bicubic `F.interpolate` of the raw
+    weights, as the authors turn DINOv2 / EVA-02's 14x14 kernels into 16x16 (no antialias, no rescaling; not timm's
+    pseudo-inverse `resample_patch_embed`)."""
+    if tuple(weight.shape[-2:]) == (patch_size, patch_size):
+        return weight
+    resized = F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False)
+    return resized.to(weight.dtype)
 
-    The single [CLS] token and its position row are repeated for every prefix token (the C class tokens of step 1),
-    patch position rows are resized to the model's grid (bicubic for step 1, bilinear for step 2, as the authors), the classifier is dropped, and every other key is
-    copied. `source` is a timm model name (downloads; needs network), a timm model, a state dict, or a local
-    `.pth` / `.safetensors` file.
+
+def source_encoder_variant(state_dict):
+    """`"eva02"`, `"dinov2"` or `"vit"`: the block layout of a timm / official backbone state dict (see
+    `configuration_weaktr.ENCODER_VARIANTS`)."""
+    fc1, fc2 = state_dict.get("blocks.0.mlp.fc1.weight"), state_dict.get("blocks.0.mlp.fc2.weight")
+    gated = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+    if gated or "blocks.0.attn.q_bias" in state_dict:
+        return "eva02"
+    return "dinov2" if "blocks.0.ls1.gamma" in state_dict else "vit"
+
+
+def _adapt_keys(state_dict, encoder):
+    """timm / official names -> the encoder's: EVA-02's `mlp.w12` / `mlp.w3`, and timm EVA's pooled-feature norm
+    `fc_norm` as the all-token final norm (the authors load the MIM model's `norm` there). Rotary tables are dropped:
+    the encoder computes them per forward."""
+    adapted = {}
+    for key, value in state_dict.items():
+        if key.startswith("rope.") or ".rope." in key:
+            continue
+        for original, renamed in BACKBONE_KEY_RENAMES:
+            key = key.replace(original, renamed)
+        adapted[key] = value
+    if encoder.norm is not None and "norm.weight" not in adapted and "fc_norm.weight" in adapted:
+        adapted["norm.weight"], adapted["norm.bias"] = adapted.pop("fc_norm.weight"), adapted.pop("fc_norm.bias")
+    return adapted
+
+
+def load_timm_backbone(model, source, strict=True, position_interpolation=None):
+    """
+    Copy a pretrained timm ViT / DeiT / DINOv2 / EVA-02 checkpoint into the encoder of `model` (`WeakTrForCAM`,
+    `WeakTrForSemanticSegmentation` or `WeakTrModel`), doing what the authors did to load it:
+
+    - the single [CLS] token and its position row are repeated for every prefix token (the C class tokens of step 1);
+    - patch position rows are resized to the model's grid: `position_interpolation` `"bicubic"` or `"bilinear"`; by
+      default bicubic for step 1 and bilinear for step 2 (as each of the authors' steps does), or the mode of a
+      `PRETRAINED_BACKBONES` name;
+    - a patch kernel of another size (DINOv2 / EVA-02's 14 px) is resized bicubically (`resize_patch_kernel`);
+    - EVA-02's `mlp.w12` / `mlp.w3` become `mlp.fc1` / `mlp.fc2`, timm EVA's `fc_norm` becomes the final `norm`;
+      classifiers, mask tokens and rotary tables are dropped; every other key is copied.
+
+    `source` is a timm model name (downloads; needs network), a timm model, a state dict, or a local `.pth` /
+    `.safetensors` file (e.g. the official `dinov2_vits14_pretrain.pth` or `eva02_S_pt_in21k_p14.pt`). Its block
+    layout must be the encoder's (`config.encoder_variant`): a DINOv2 source needs `layerscale_value`, an EVA-02 one
+    the EVA-02 fields (`configuration_weaktr.ENCODER_VARIANTS`).
 
     Returns a `BackboneLoadingReport`. With `strict=True`, encoder parameters left uninitialised or source keys that
     are neither used nor a known classifier key raise a `ValueError` naming them.
     """
     encoder = _find_encoder(model)
+    if position_interpolation is None and isinstance(source, str):
+        position_interpolation = PRETRAINED_BACKBONES.get(source, {}).get("position_interpolation")
+    if position_interpolation not in (None, "bicubic", "bilinear"):
+        raise ValueError(f"position_interpolation must be 'bicubic' or 'bilinear', got {position_interpolation!r}.")
     source_state = _read_source(source)
+    variant, configured = source_encoder_variant(source_state), encoder.config.encoder_variant
+    if variant != configured:
+        raise ValueError(
+            f"The backbone has {variant} blocks but the model's encoder is configured as {configured}; build the "
+            f"model with the {variant} fields of configuration_weaktr.ENCODER_VARIANTS (train.py: --seg_encoder "
+            f"{variant})."
+        )
+    source_state = _adapt_keys(source_state, encoder)
     target_state = encoder.state_dict()
     report = BackboneLoadingReport()
     new_state = {}
@@ -96,9 +174,12 @@ def load_timm_backbone(model, source, strict=True):
             patches = value[:, num_source_prefix:]
             side = int(round(patches.shape[1] ** 0.5))
             # Step 1 resizes ImageNet tables bicubically, step 2 bilinearly (as each of the authors' steps does).
-            mode = "bilinear" if encoder.position_interpolation == "bilinear" else "bicubic"
+            step_mode = "bilinear" if encoder.position_interpolation == "bilinear" else "bicubic"
+            mode = position_interpolation or step_mode
             patches = resize_position_embeddings(patches, (side, side), encoder.grid_size, mode)
             new_state[key] = torch.cat([prefix.expand(-1, encoder.num_prefix_tokens, -1), patches], dim=1)
+        elif key == "patch_embed.proj.weight":
+            new_state[key] = resize_patch_kernel(value, encoder.config.patch_size)
         elif key in target_state:
             new_state[key] = value
         else:
@@ -133,4 +214,4 @@ def _source_patch_count(state_dict):
     return state_dict["pos_embed"].shape[1] - prefix
 
 
-__all__ = ["BackboneLoadingReport", "load_timm_backbone"]
+__all__ = ["PRETRAINED_BACKBONES", "BackboneLoadingReport", "load_timm_backbone", "resize_patch_kernel"]
