@@ -128,6 +128,7 @@ DEIT_S = dict(
     decoder_hidden_size=384, decoder_num_hidden_layers=2, decoder_num_attention_heads=6,
     decoder_intermediate_size=1536, decoder_hidden_dropout_prob=0.1,
 )  # fmt: skip
+AUTHORS_THRESHOLD_SWEEP = tuple(round(0.40 + 0.01 * i, 2) for i in range(20))  # 0.40 ... 0.59 (main.py:177-178)
 AUTHORS_STEP1 = dict(
     aaf_reduction=8,  # --reduction 8 (docs/Training.md:14); AAF max pooling (Training.md:15) is the config default
     aaf_feat_reduction=8,  # main.py:62
@@ -148,9 +149,10 @@ AUTHORS_STEP1 = dict(
     # dataset appends the flip: main.py:170, datasets.py:157-161) on the selection list (Training.md:11, 55), each
     # threshold from 0.40 up in 0.01 steps while the mIoU improves (main.py:177-178; evaluation.py:258-267).
     cam_eval_samples=None, cam_eval_scales=(1.0,), cam_eval_flip=True,
-    cam_selection_thresholds=tuple(round(0.40 + 0.01 * i, 2) for i in range(20)), cam_selection_early_stop=True,
+    cam_selection_thresholds=AUTHORS_THRESHOLD_SWEEP, cam_selection_early_stop=True,
     # Pseudo-labels: fine CAM (attention-type fused + patch refine, main.py:162, 172), flip (datasets.py:157-160).
-    pseudo_label_cam="fine_cam", cam_flip=True, cam_sweep_thresholds=(0.40, 0.45, 0.50, 0.55, 0.60),
+    # The sweep list is used only if --cam_threshold sweep replaces the authors' fixed threshold.
+    pseudo_label_cam="fine_cam", cam_flip=True, cam_sweep_thresholds=AUTHORS_THRESHOLD_SWEEP,
 )  # fmt: skip
 AUTHORS_STEP2 = dict(
     seg_layer_norm_eps=1e-5,  # nn.LayerNorm defaults in the step-2 ViT (OR/model/blocks.py:84; OR/model/vit.py:89)
