@@ -88,8 +88,12 @@ def test_pseudo_stage_skips_finished_images_and_rewrites_nothing(script, finishe
     removed = pngs[0]
     removed_bytes = removed.read_bytes()
     removed.unlink()
-    results = script.main(["--output_dir", str(output_dir), "--stage", "pseudo", *TINY])
+    results = script.main(["--output_dir", str(output_dir), "--stage", "pseudo", "--pseudo_label_eval_split", "train",
+                           *TINY])  # fmt: skip
     assert results["pseudo_labels_written_per_process"] == [1]  # only the deleted image is redone
+    # Also scored on the images of another split (VOC: train, within train_aug); here the same split, same numbers.
+    assert results["pseudo_label_crf_miou_train"] == results["pseudo_label_crf_miou"]
+    assert results["pseudo_label_miou_train"] == results["pseudo_label_miou"]
     assert removed.read_bytes() == removed_bytes
     for path in pngs[1:]:
         assert (path.stat().st_mtime_ns, path.read_bytes()) == before[path.name]
