@@ -768,7 +768,9 @@ def cam_stage(args, accelerator, dataset, class_names, results):
             report = load_timm_backbone(model, args.backbone)
             logger.info("Backbone %s: %d tensors loaded, unused %s", args.backbone, len(report.loaded_keys),
                         report.unused_keys)  # fmt: skip
-    processor = WeakTrImageProcessor(size={"height": args.cam_image_size, "width": args.cam_image_size})
+    # size_divisor = the patch size: post-processing maps each CAM cell to size_divisor pixels.
+    processor = WeakTrImageProcessor(size={"height": args.cam_image_size, "width": args.cam_image_size},
+                                     size_divisor=model.config.patch_size)  # fmt: skip
     transform = CAMTrainTransform(args.cam_image_size, augment=args.cam_augment)
     loader = make_loader(train, transform, CAMCollator(len(class_names)), args.per_device_train_batch_size,
                          args.seed, args.dataloader_num_workers, drop_last=args.cam_drop_last)  # fmt: skip

@@ -144,6 +144,31 @@ def test_segmentation_collator_pads_masks_with_ignore_and_keeps_ids():
     assert IMAGE_IDS_KEY not in SegmentationCollator()(examples)
 
 
+def half_bright_sample(height, width, sample_id):
+    """Right half bright and class 1, left half dark and class 0."""
+    pixels, mask = np.zeros((height, width, 3), np.uint8), np.zeros((height, width), np.uint8)
+    pixels[:, width // 2 :], mask[:, width // 2 :] = 255, 1
+    return {"image": PIL.Image.fromarray(pixels), "semantic_mask": PIL.Image.fromarray(mask), "labels": [0],
+            "id": sample_id}  # fmt: skip
+
+
+def test_segmentation_collator_batches_resized_images_only_with_masks_that_cover_them():
+    samples = [half_bright_sample(64, 48, "a"), half_bright_sample(40, 80, "b")]
+    with pytest.raises(ValueError, match="resize_mask=True"):
+        SegmentationCollator()([EvalTransform(size=32)(sample) for sample in samples])
+    same_size = [half_bright_sample(40, 80, "c"), half_bright_sample(40, 80, "d")]
+    SegmentationCollator()([EvalTransform(size=32)(sample) for sample in same_size])  # one mask size: aligned
+
+    batch = SegmentationCollator()([EvalTransform(size=32, resize_mask=True)(sample) for sample in samples])
+
+    # a perfect prediction (class 1 where the image is bright), stretched over the labels as the loss does, scores 1
+    bright = (batch["pixel_values"][:, 0] > 0).float()
+    logits = torch.stack([1 - bright, bright], 1)
+    prediction = torch.nn.functional.interpolate(logits, size=batch["labels"].shape[-2:], mode="bilinear").argmax(1)
+    valid = batch["labels"] != 255
+    assert (prediction[valid] == batch["labels"][valid]).float().mean() > 0.97
+
+
 def test_cam_collator_refuses_ids_outside_num_labels_and_mixed_sizes():
     with pytest.raises(ValueError, match="sample x has class id 4 outside 0..3"):
         CAMCollator(4)([{"pixel_values": torch.zeros(3, 8, 8), "labels": [4], "id": "x"}])

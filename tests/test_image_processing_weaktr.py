@@ -235,6 +235,60 @@ def test_post_processing_crops_padding_of_resized_images():
     assert (label_map[:, :40] == 0).all() and (label_map[:, 40:] == 1).all()
 
 
+def band_logits(pixel_values, patch_size, num_classes=3):
+    """Logits of a patch model whose class is the column band (left / middle / right third) of the whole input."""
+    height, width = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+    band = torch.arange(width) * num_classes // width
+    return torch.nn.functional.one_hot(band, num_classes).T[None, :, None, :].expand(1, -1, height, -1).float()
+
+
+def test_post_processing_honours_the_size_given_to_preprocessing():
+    processor = WeakTrImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, do_pad=True)
+    image = torch.randint(0, 255, (3, 48, 80), dtype=torch.uint8)
+    for overrides in ({"size": {"shortest_edge": 48}}, {"do_resize": False}):
+        logits = band_logits(processor(image, return_tensors="pt", **overrides).pixel_values, 8)
+
+        (label_map,) = processor.post_process_semantic_segmentation(
+            SimpleNamespace(logits=logits), [(48, 80)], **overrides
+        )
+
+        counts = torch.bincount(label_map.flatten(), minlength=3) / label_map.numel()
+        expected = logits[0, :, 0].sum(-1) / logits.shape[-1]  # each band's share of the columns
+        torch.testing.assert_close(counts, expected, atol=0.03, rtol=0)
+        assert (label_map[:, :20] == 0).all() and (label_map[:, -20:] == 2).all()
+
+
+def test_post_processing_refuses_maps_that_cannot_come_from_the_target_size():
+    image = torch.randint(0, 255, (3, 48, 80), dtype=torch.uint8)
+    processor = WeakTrImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    logits = band_logits(processor(image, size={"shortest_edge": 48}, return_tensors="pt").pixel_values, 8)
+    with pytest.raises(ValueError, match="Pass post-processing the size / do_resize / do_pad"):
+        processor.post_process_semantic_segmentation(SimpleNamespace(logits=logits), [(48, 80)])
+    # a processor whose size_divisor is not the model's patch size (8-px patches, divisor 16)
+    cams = band_logits(torch.zeros(1, 3, 32, 32), 8)
+    with pytest.raises(ValueError, match="size_divisor=model.config.patch_size"):
+        WeakTrImageProcessor(size={"height": 32, "width": 32}).post_process_cams(
+            SimpleNamespace(fine_cam=cams), [[0, 1, 2]], [(100, 100)]
+        )
+    (label_map,) = WeakTrImageProcessor(size={"height": 32, "width": 32}).post_process_cams(
+        SimpleNamespace(fine_cam=cams), [[0, 1, 2]], [(100, 100)], size_divisor=8
+    )
+    assert (label_map[:, :40] == 1).all() and (label_map[:, -15:] == 3).all()
+
+
+def test_from_pretrained_takes_the_patch_size_of_the_model_saved_beside_it(tmp_path, caplog):
+    WeakTrConfig(patch_size=8, image_size=32).save_pretrained(tmp_path)
+    WeakTrImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)  # size_divisor 16
+
+    with caplog.at_level("WARNING"):
+        loaded = WeakTrImageProcessor.from_pretrained(tmp_path)
+        auto = AutoImageProcessor.from_pretrained(tmp_path)
+
+    assert loaded.size_divisor == auto.size_divisor == 8
+    assert "has size_divisor 16 but the model saved with it has patch_size 8" in caplog.text
+    assert WeakTrImageProcessor.from_pretrained(tmp_path, size_divisor=4).size_divisor == 4
+
+
 def test_target_sizes_must_match_the_batch():
     with pytest.raises(ValueError, match="2 target sizes for a batch of 1"):
         WeakTrImageProcessor().post_process_semantic_segmentation(

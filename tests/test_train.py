@@ -81,6 +81,14 @@ def test_saved_models_reload_and_run_in_the_pipelines(finished_run):
     assert len(classifier(image, top_k=4)) == 4
 
 
+def test_saved_processors_carry_the_models_patch_size(finished_run):
+    output_dir, _ = finished_run
+    for stage in ("cam", "seg"):
+        patch_size = json.loads((output_dir / stage / "config.json").read_text())["patch_size"]
+        saved = json.loads((output_dir / stage / "preprocessor_config.json").read_text())
+        assert saved["size_divisor"] == patch_size == 8, stage
+
+
 def test_pseudo_stage_skips_finished_images_and_rewrites_nothing(script, finished_run):
     output_dir, _ = finished_run
     pngs = sorted((output_dir / "pseudo_labels").glob("*.png"))

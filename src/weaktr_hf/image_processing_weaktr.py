@@ -14,9 +14,12 @@ cover (its own `do_pad` padding, or the model's padding to a multiple of the pat
 """
 
 import io
+import json
+import logging
 import os
 import urllib.request
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as tvF
 from transformers.image_processing_backends import TorchvisionBackend
-from transformers.image_processing_utils import BatchFeature
+from transformers.image_processing_utils import BatchFeature, get_size_dict
 from transformers.image_transforms import get_size_with_aspect_ratio, group_images_by_shape, reorder_images
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -38,8 +41,11 @@ from transformers.image_utils import (
     infer_channel_dimension_format,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import cached_file
 
 from .labels import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 # Image statistics (mean, std) of the authors' recipes by the name their configs use (segm/data/utils.py STATS):
 # "deit" ImageNet (DeiT-S, DINOv2-S), "vit" 0.5 (the augreg ViT-S), "eva02" OpenAI CLIP (EVA-02-S).
@@ -237,6 +243,36 @@ class WeakTrImageProcessor(TorchvisionBackend):
 
     def __init__(self, **kwargs: Unpack[WeakTrImageProcessorKwargs]):
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as transformers does; a `size_divisor` that disagrees with the patch size of the model saved beside it
+        (its `config.json`) is replaced by that patch size, with a warning, since post-processing depends on it."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if "size_divisor" in kwargs:
+            return processor
+        names = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+        lookup = {name: kwargs[name] for name in names if name in kwargs}
+        config_file = cached_file(
+            pretrained_model_name_or_path,
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **lookup,
+        )
+        if config_file is None:
+            return processor
+        with open(config_file, encoding="utf-8") as file:
+            patch_size = json.load(file).get("patch_size")
+        if isinstance(patch_size, int) and patch_size != processor.size_divisor:
+            logger.warning(
+                "the processor saved in %s has size_divisor %d but the model saved with it has patch_size %d; using "
+                "size_divisor=%d (post-processing maps each output cell to size_divisor pixels). Save the processor "
+                "again to silence this.",
+                pretrained_model_name_or_path, processor.size_divisor, patch_size, patch_size,
+            )  # fmt: skip
+            processor.size_divisor = patch_size
+        return processor
 
     def preprocess(self, images, segmentation_maps=None, **kwargs: Unpack[WeakTrImageProcessorKwargs]) -> BatchFeature:
         r"""
@@ -490,23 +526,54 @@ class WeakTrImageProcessor(TorchvisionBackend):
             )
         return [(int(height), int(width)) for height, width in target_sizes]
 
-    def _upsample_to_image(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    def _geometry(self, size=None, do_resize=None, size_divisor=None, do_pad=None) -> SimpleNamespace:
+        """The preprocessing settings post-processing assumes: call-time values, else this processor's."""
+        size_divisor = self.size_divisor if size_divisor is None else size_divisor
+        if not isinstance(size_divisor, int) or size_divisor < 1:
+            raise ValueError(f"size_divisor must be a positive int (the model's patch size); got {size_divisor!r}")
+        if size is None:
+            size = self.size
+        elif not isinstance(size, SizeDict):
+            size = SizeDict(**get_size_dict(size=size, default_to_square=self.default_to_square))
+        return SimpleNamespace(
+            size=size,
+            do_resize=self.do_resize if do_resize is None else do_resize,
+            size_divisor=size_divisor,
+            do_pad=self.do_pad if do_pad is None else do_pad,
+        )
+
+    def _upsample_to_image(self, maps: torch.Tensor, original_size: tuple[int, int], geometry) -> torch.Tensor:
         """Bilinearly upsample patch-resolution (C, h, w) maps to the original image size.
 
         The maps cover `size_divisor` pixels per cell of the (resized, possibly padded) input; any bottom/right
-        padding beyond the resized image is cropped before resizing to `original_size`. This is why `size_divisor`
-        must be the model's patch size: a smaller value makes the maps seem to cover less than the image, and they are
-        then stretched over it uncropped.
+        padding beyond the resized image is cropped before resizing to `original_size`. Maps that cannot come from
+        an image of `original_size` preprocessed with `geometry` (e.g. a `size_divisor` other than the model's patch
+        size, or a `size` given at preprocessing but not here) are an error rather than a wrong crop.
         """
-        resized = self._resized_size(*original_size) if self.do_resize else original_size
-        covered = (maps.shape[-2] * self.size_divisor, maps.shape[-1] * self.size_divisor)
+        resized = self._resized_size(*original_size, geometry.size) if geometry.do_resize else original_size
+        covered = (maps.shape[-2] * geometry.size_divisor, maps.shape[-1] * geometry.size_divisor)
+        # Without `do_pad` only the model pads, to the next multiple of the patch size; with it a batch may pad more.
+        too_small = covered[0] < resized[0] or covered[1] < resized[1]
+        too_large = not geometry.do_pad and (
+            covered[0] >= resized[0] + geometry.size_divisor or covered[1] >= resized[1] + geometry.size_divisor
+        )
+        if too_small or too_large:
+            raise ValueError(
+                f"maps of {maps.shape[-2]}x{maps.shape[-1]} cells x size_divisor {geometry.size_divisor} cover "
+                f"{covered[0]}x{covered[1]} px, but an image of {original_size[0]}x{original_size[1]} is "
+                f"{resized[0]}x{resized[1]} after preprocessing with size={dict(geometry.size)}, do_resize="
+                f"{geometry.do_resize}, do_pad={geometry.do_pad}. Pass post-processing the size / do_resize / do_pad "
+                "given to preprocessing, and size_divisor=model.config.patch_size."
+            )
         maps = maps[None].to(torch.float32)
         if covered != tuple(resized):
             maps = F.interpolate(maps, size=covered, mode="bilinear", align_corners=False)
             maps = maps[..., : resized[0], : resized[1]]
         return F.interpolate(maps, size=original_size, mode="bilinear", align_corners=False)[0]
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, size=None, do_resize=None, size_divisor=None, do_pad=None
+    ) -> list[torch.Tensor]:
         """
         Turn [`WeakTrForSemanticSegmentation`] logits (B, num_labels, h, w) into label maps.
 
@@ -514,8 +581,14 @@ class WeakTrImageProcessor(TorchvisionBackend):
             outputs: model outputs with `logits`.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` (B, 2), *optional*):
                 The ORIGINAL (height, width) of each image. Logits are upsampled bilinearly, the padding (bottom/right)
-                is cropped using this processor's `size` / `do_resize` / `size_divisor`, then resized to the target.
-                Without it, the argmax is taken at logits resolution (padding included).
+                is cropped, then resized to the target. Without it, the argmax is taken at logits resolution (padding
+                included).
+            size / do_resize / do_pad (*optional*): what preprocessing used, when it was called with values other
+                than this processor's (e.g. `processor(image, size=...)`); default: this processor's.
+            size_divisor (`int`, *optional*): the model's patch size; default: this processor's.
+
+        Logits that cannot come from the target size under these settings raise an error instead of being cropped
+        wrongly.
 
         Returns:
             `list[torch.Tensor]`: one (H, W) int64 CPU tensor of label ids per image.
@@ -524,11 +597,21 @@ class WeakTrImageProcessor(TorchvisionBackend):
         if target_sizes is None:
             return [logit.argmax(dim=0).to(torch.int64).cpu() for logit in logits]
         sizes = self._target_sizes(target_sizes, len(logits))
-        maps = [self._upsample_to_image(logit, size) for logit, size in zip(logits, sizes, strict=True)]
+        geometry = self._geometry(size, do_resize, size_divisor, do_pad)
+        maps = [self._upsample_to_image(logit, size, geometry) for logit, size in zip(logits, sizes, strict=True)]
         return [scores.argmax(dim=0).to(torch.int64).cpu() for scores in maps]
 
     def post_process_cams(
-        self, outputs, labels, target_sizes=None, threshold: float = 0.43, cam: str = "fine_cam"
+        self,
+        outputs,
+        labels,
+        target_sizes=None,
+        threshold: float = 0.43,
+        cam: str = "fine_cam",
+        size=None,
+        do_resize=None,
+        size_divisor=None,
+        do_pad=None,
     ) -> list[torch.Tensor]:
         """
         Turn [`WeakTrForCAM`] CAMs into pseudo-label maps (single scale, no CRF).
@@ -543,6 +626,7 @@ class WeakTrImageProcessor(TorchvisionBackend):
             target_sizes (*optional*): the ORIGINAL (height, width) of each image; without it, maps stay at (h, w).
             threshold (`float`, defaults to 0.43): background score (0.43 VOC, 0.42 COCO in the paper).
             cam (`str`, defaults to `"fine_cam"`): `"fine_cam"`, `"coarse_cam"` or `"cross_attention"`.
+            size / do_resize / do_pad / size_divisor (*optional*): as in `post_process_semantic_segmentation`.
 
         Returns:
             `list[torch.Tensor]`: one (H, W) int64 CPU tensor per image, 0 = background, k + 1 = foreground class k.
@@ -555,11 +639,12 @@ class WeakTrImageProcessor(TorchvisionBackend):
         batch_size, num_classes = cams.shape[:2]
         present = self._present_classes(labels, batch_size, num_classes)
         sizes = self._target_sizes(target_sizes, batch_size) if target_sizes is not None else None
+        geometry = self._geometry(size, do_resize, size_divisor, do_pad)
         label_maps = []
         for i in range(batch_size):
             maps = cams[i].to(torch.float32)
             if sizes is not None:
-                maps = self._upsample_to_image(maps, sizes[i])
+                maps = self._upsample_to_image(maps, sizes[i], geometry)
             maps = normalize_cams(maps.relu(), present[i])
             label_maps.append(cams_to_label_map(maps, present[i], threshold).to(torch.int64).cpu())
         return label_maps

@@ -65,9 +65,13 @@ class SegmentationCollator:
     """Step-2 batches: `pixel_values` (B, 3, H, W) float and `labels` (B, H, W) int64 masks (255 = ignore).
 
     Samples of different sizes are padded at the bottom/right to the largest in the batch: images with 0 (the mean
-    colour after normalisation), masks with `ignore_index`, so padding is never scored (images and masks separately,
-    as evaluation may keep masks at their original size). Each sample's mask comes from
+    colour after normalisation), masks with `ignore_index`, so padding is never scored. Each sample's mask comes from
     `mask_key` (the transforms' `semantic_mask`).
+
+    The model scores its logits, stretched over the whole `labels` canvas, against it, so every mask must cover its
+    image: masks of their image's size, or (e.g. `EvalTransform(size=...)` keeping masks at the original resolution)
+    one image size and one mask size for the whole batch. Other batches are refused, since padding would pair pixels
+    with the wrong labels: resize the masks too (`resize_mask=True`) or use batch size 1.
     """
 
     def __init__(self, ignore_index=IGNORE_INDEX, return_image_ids=False, mask_key="semantic_mask"):
@@ -79,13 +83,29 @@ class SegmentationCollator:
     def _pad_to(tensor, height, width, value):
         return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
 
+    @staticmethod
+    def _check_masks_cover_images(examples, images, masks):
+        image_sizes = [tuple(image.shape[-2:]) for image in images]
+        mask_sizes = [tuple(mask.shape[-2:]) for mask in masks]
+        if image_sizes == mask_sizes or (len(set(image_sizes)) == 1 and len(set(mask_sizes)) == 1):
+            return
+        pairs = [
+            f"{example.get('id', i)}: image {image} mask {mask}"
+            for i, (example, image, mask) in enumerate(zip(examples, image_sizes, mask_sizes, strict=True))
+        ]
+        raise ValueError(
+            f"masks of other sizes than their images, of different sizes in one batch ({'; '.join(pairs[:4])}): "
+            "padded to one canvas, the logits stretched over it would be scored against the wrong pixels. Resize "
+            "masks with their images (EvalTransform(size=..., resize_mask=True)) or use batch size 1."
+        )
+
     def __call__(self, examples):
         missing = [example.get("id", i) for i, example in enumerate(examples) if example.get(self.mask_key) is None]
         if missing:
             raise ValueError(f"samples {missing} have no {self.mask_key!r}; step-2 batches need a mask per sample.")
         images = [example["pixel_values"] for example in examples]
         masks = [torch.as_tensor(example[self.mask_key]).to(torch.int64) for example in examples]
-        # Images and masks are padded separately: an evaluation transform may resize the image but not the mask.
+        self._check_masks_cover_images(examples, images, masks)
         image_h, image_w = max(t.shape[-2] for t in images), max(t.shape[-1] for t in images)
         mask_h, mask_w = max(t.shape[-2] for t in masks), max(t.shape[-1] for t in masks)
         batch = {

@@ -253,6 +253,8 @@ class EvalTransform:
 
     `size` is None (keep the image size), an int (square) or (height, width). The mask keeps its original resolution
     (score predictions there) unless `resize_mask=True`, which resizes it with nearest neighbours.
+    `SegmentationCollator` batches images of different original sizes only with `resize_mask=True` (else it cannot
+    align masks and logits).
     """
 
     def __init__(
