@@ -27,7 +27,8 @@ extras_require = {
         "pydensecrf2>=1.1",
         "tensorboard>=2.14",
     ],
-    "dev": ["pytest>=8.0"],
+    # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it.
+    "dev": ["pytest>=8.0", "parameterized>=0.9"],
 }
 extras_require["all"] = sorted({req for reqs in extras_require.values() for req in reqs})
 

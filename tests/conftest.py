@@ -105,3 +105,26 @@ def authors_rope_table(grid_side, head_dim=64, reference_grid=16):
     freqs = torch.einsum("i,f->if", positions, theta).repeat_interleave(2, dim=-1)  # (n, half)
     table = torch.cat([freqs[:, None].expand(-1, grid_side, -1), freqs[None].expand(grid_side, -1, -1)], dim=-1)
     return table.cos().reshape(-1, head_dim), table.sin().reshape(-1, head_dim)
+
+
+# Markers that transformers' common test files (run by test_*_common.py) put on their tests.
+TRANSFORMERS_SUITE_MARKERS = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                              "torch_compile_test", "slow")  # fmt: skip
+
+
+def pytest_configure(config):
+    for marker in TRANSFORMERS_SUITE_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: used by transformers' common test suite")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say why transformers' common tests did not run: a module-level skip is only a count in `pytest -q`."""
+    reasons = sorted({
+        report.longrepr[2].removeprefix("Skipped: ")
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and "transformers' common" in report.longrepr[2]
+    })  # fmt: skip
+    if reasons:
+        terminalreporter.section("transformers' common test suite: SKIPPED")
+        for reason in reasons:
+            terminalreporter.write_line(reason)

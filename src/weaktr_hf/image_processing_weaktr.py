@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as tvF
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature, get_size_dict
 from transformers.image_transforms import get_size_with_aspect_ratio, group_images_by_shape, reorder_images
 from transformers.image_utils import (
@@ -572,8 +573,15 @@ class WeakTrImageProcessor(TorchvisionBackend):
         return F.interpolate(maps, size=original_size, mode="bilinear", align_corners=False)[0]
 
     def post_process_semantic_segmentation(
-        self, outputs, target_sizes=None, size=None, do_resize=None, size_divisor=None, do_pad=None
-    ) -> list[torch.Tensor]:
+        self,
+        outputs,
+        target_sizes=None,
+        size=None,
+        do_resize=None,
+        size_divisor=None,
+        do_pad=None,
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         Turn [`WeakTrForSemanticSegmentation`] logits (B, num_labels, h, w) into label maps.
 
@@ -586,20 +594,31 @@ class WeakTrImageProcessor(TorchvisionBackend):
             size / do_resize / do_pad (*optional*): what preprocessing used, when it was called with values other
                 than this processor's (e.g. `processor(image, size=...)`); default: this processor's.
             size_divisor (`int`, *optional*): the model's patch size; default: this processor's.
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`):
+                Also return the logits each map is the argmax of, as transformers' segmentation processors do.
 
         Logits that cannot come from the target size under these settings raise an error instead of being cropped
         wrongly.
 
         Returns:
-            `list[torch.Tensor]`: one (H, W) int64 CPU tensor of label ids per image.
+            `list[torch.Tensor]`: one (H, W) int64 CPU tensor of label ids per image; with
+            `return_segmentation_scores=True`, one `SemanticSegmentationPostProcessorOutput` per image with
+            `segmentation` (that map) and `segmentation_scores` ((num_labels, H, W) float CPU logits).
         """
         logits = outputs.logits
         if target_sizes is None:
-            return [logit.argmax(dim=0).to(torch.int64).cpu() for logit in logits]
-        sizes = self._target_sizes(target_sizes, len(logits))
-        geometry = self._geometry(size, do_resize, size_divisor, do_pad)
-        maps = [self._upsample_to_image(logit, size, geometry) for logit, size in zip(logits, sizes, strict=True)]
-        return [scores.argmax(dim=0).to(torch.int64).cpu() for scores in maps]
+            maps = list(logits)
+        else:
+            sizes = self._target_sizes(target_sizes, len(logits))
+            geometry = self._geometry(size, do_resize, size_divisor, do_pad)
+            maps = [self._upsample_to_image(logit, size, geometry) for logit, size in zip(logits, sizes, strict=True)]
+        segmentations = [scores.argmax(dim=0).to(torch.int64).cpu() for scores in maps]
+        if not return_segmentation_scores:
+            return segmentations
+        return [
+            SemanticSegmentationPostProcessorOutput(data={"segmentation": labels, "segmentation_scores": scores.cpu()})
+            for labels, scores in zip(segmentations, maps, strict=True)
+        ]
 
     def post_process_cams(
         self,
