@@ -1,3 +1,4 @@
+import copy
 import os
 
 import datasets
@@ -14,6 +15,7 @@ from weaktr_hf.data.schema import wsss_features
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
 from weaktr_hf.inference import cams_to_labels, generate_cams
 from weaktr_hf.pseudo_labels import (
+    SETTINGS_FILE,
     evaluate_pseudo_labels,
     pseudo_label_dataset,
     pseudo_label_path,
@@ -63,7 +65,8 @@ def read_all(folder, ids):
 
 
 def test_writes_one_label_png_per_image_from_present_classes(cam_model, dataset, reference_dir):
-    assert sorted(os.listdir(reference_dir)) == sorted(f"{sample_id}.png" for sample_id in dataset["id"])
+    expected = sorted(f"{sample_id}.png" for sample_id in dataset["id"]) + [SETTINGS_FILE]
+    assert sorted(os.listdir(reference_dir)) == sorted(expected)
     for sample in dataset:
         label_map = load_label_png(pseudo_label_path(reference_dir, sample["id"]))
         assert label_map.shape == (sample["image"].height, sample["image"].width)
@@ -116,6 +119,40 @@ def test_shards_write_every_image_exactly_once(cam_model, dataset, reference_dir
         np.testing.assert_array_equal(resumed[sample_id], reference[sample_id])
     with pytest.raises(ValueError, match="process_index"):
         write_pseudo_labels(cam_model, dataset, tmp_path, process_index=2, num_processes=2, **SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "change", [{"threshold": 0.6}, {"scales": (1.0,)}, {"flip": False}, {"cam": "coarse_cam"}, {"model": "other"}]
+)
+def test_rerun_with_other_settings_or_model_refuses_to_mix_labels(cam_model, dataset, tmp_path, change):
+    write_pseudo_labels(cam_model, dataset.select([0, 1]), tmp_path, **SETTINGS)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    model = cam_model
+    if change.pop("model", None):
+        model = copy.deepcopy(cam_model)  # the same model after one more update
+        with torch.no_grad():
+            model.head.bias.add_(0.01)
+
+    with pytest.raises(ValueError, match="made with other settings"):
+        write_pseudo_labels(model, dataset, tmp_path, **{**SETTINGS, **change})
+
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    summary = write_pseudo_labels(cam_model, dataset, tmp_path, **SETTINGS)  # the same settings resume
+    assert summary.skipped == ["sample_0", "sample_1"] and len(summary.written) == 2
+
+
+def test_folder_of_pngs_without_a_settings_record_is_refused(cam_model, dataset, tmp_path):
+    save_label_png(pseudo_label_path(tmp_path, "sample_0"), np.zeros((20, 27), np.uint8))
+    with pytest.raises(ValueError, match="no record"):
+        write_pseudo_labels(cam_model, dataset, tmp_path, **SETTINGS)
+
+
+def test_uncrf_folder_without_crf_and_class_ids_beyond_8_bits_are_refused(cam_model, dataset, tmp_path):
+    with pytest.raises(ValueError, match="needs crf"):
+        write_pseudo_labels(cam_model, dataset, tmp_path / "a", uncrf_output_dir=tmp_path / "b", **SETTINGS)
+    wide = WeakTrForCAM(WeakTrModelTester().get_config(id2label={i: str(i) for i in range(255)})).eval()
+    with pytest.raises(ValueError, match="at most 254 foreground classes"):
+        write_pseudo_labels(wide, dataset, tmp_path / "c", **SETTINGS)
 
 
 def test_crf_refines_over_present_classes_and_maps_back(cam_model, dataset, tmp_path):

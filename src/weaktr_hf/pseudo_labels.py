@@ -7,8 +7,11 @@ Datasets follow the project schema (`weaktr_hf.data.schema`): `image`, `labels` 
 `semantic_mask` (0 = background, k + 1 = class k, 255 = ignore).
 """
 
+import hashlib
 import inspect
+import json
 import os
+import uuid
 from typing import NamedTuple
 
 import datasets
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 from .data.schema import mask_to_array
 from .image_processing_weaktr import WeakTrImageProcessor, pil_image_to_uint8
 from .inference import cams_to_labels, generate_cams
+from .labels import IGNORE_INDEX
 from .metrics import ConfusionMatrix
 from .visualization import load_label_png, save_label_png
 
@@ -95,6 +99,61 @@ def _refine_with_crf(image, label_map, present_ids, crf):
     return label_ids[refined]
 
 
+SETTINGS_FILE = "pseudo_label_settings.json"
+
+
+def _model_fingerprint(model):
+    """SHA-256 of the model's weights (names, shapes and values), so labels of another model are not mistaken for
+    this one's."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pseudo_label_settings(model, image_transform, scales, flip, threshold, crf, cam):
+    """Everything a pseudo-label PNG depends on besides its image, as JSON values (compared after a JSON round trip)."""
+    settings = {
+        "model_weights_sha256": _model_fingerprint(model),
+        "cam": cam,
+        "scales": [float(scale) for scale in scales],
+        "flip": bool(flip),
+        "threshold": float(threshold),
+        "crf": crf,
+        "image_transform": getattr(image_transform, "__qualname__", type(image_transform).__qualname__),
+    }
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def _check_or_record_settings(folder, settings, ids):
+    """Record the settings with a new folder; refuse a folder whose PNGs were made with other settings.
+
+    Each process writes the same record atomically, so sharded processes can all call this.
+    """
+    path = os.path.join(os.fspath(folder), SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            recorded = json.load(file)
+        changed = sorted(key for key in set(recorded) | set(settings) if recorded.get(key) != settings.get(key))
+        if changed:
+            differences = "; ".join(f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+            raise ValueError(
+                f"the pseudo-labels in {os.fspath(folder)!r} were made with other settings ({differences}), so "
+                "resuming would mix them. Write to another folder, or delete this one to make them again."
+            )
+        return
+    if any(os.path.exists(pseudo_label_path(folder, sample_id)) for sample_id in ids):
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds pseudo-label PNGs but no record ({SETTINGS_FILE}) of the settings they were "
+            "made with, so they may be stale. Write to another folder, or delete this one to make them again."
+        )
+    temporary = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(settings, file, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
 def write_pseudo_labels(
     model,
     dataset,
@@ -116,6 +175,9 @@ def write_pseudo_labels(
     0 = background and k + 1 = foreground class k.
 
     Resumable: a sample whose PNG exists is skipped (PNGs are written atomically, so an existing file is complete).
+    The settings (model weights' hash, CAM, scales, flip, threshold, CRF, image transform) are recorded in
+    `output_dir/pseudo_label_settings.json`; resuming in a folder made with other settings, or holding PNGs without
+    that record, is an error rather than a silent mix of old and new labels.
     Sharded: process `process_index` of `num_processes` handles the samples with `index % num_processes ==
     process_index`, so the shards of all processes cover each sample exactly once.
 
@@ -145,6 +207,14 @@ def write_pseudo_labels(
         raise ValueError(f"process_index must be an integer in [0, {num_processes}), got {process_index!r}.")
     if crf is not None:
         crf = _check_crf(crf)
+    elif uncrf_output_dir is not None:
+        raise ValueError("uncrf_output_dir holds the maps before the CRF, so it needs crf=...; drop it or pass crf.")
+    num_classes = model.config.num_labels
+    if num_classes >= IGNORE_INDEX:
+        raise ValueError(
+            f"the model has {num_classes} foreground classes, but pseudo-label PNGs are 8-bit with k + 1 for class k "
+            f"and {IGNORE_INDEX} = ignore, so at most {IGNORE_INDEX - 1} foreground classes fit."
+        )
     missing_columns = [name for name in ("image", "labels") if name not in dataset.column_names]
     if missing_columns:
         raise ValueError(
@@ -156,7 +226,10 @@ def write_pseudo_labels(
     for folder in output_dirs:
         os.makedirs(folder, exist_ok=True)
     image_transform = image_transform if image_transform is not None else _default_image_transform()
-    num_classes = model.config.num_labels
+    settings = _pseudo_label_settings(model, image_transform, scales, flip, threshold, crf, cam)
+    _check_or_record_settings(output_dir, settings, ids)
+    if len(output_dirs) > 1:
+        _check_or_record_settings(uncrf_output_dir, {**settings, "crf": None}, ids)
 
     shard = range(process_index, len(ids), num_processes)
     skipped = [
@@ -194,11 +267,11 @@ def write_pseudo_labels(
         cams = generate_cams(model, pixel_values[None], labels, scales=scales, flip=flip, cam=cam)
         label_map = cams_to_labels(cams, labels, threshold)[0].cpu().numpy()
         if len(output_dirs) > 1:
-            save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map.astype(np.uint8))
+            save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map)
         if crf is not None and present_ids:
             label_map = _refine_with_crf(pil_image_to_uint8(image), label_map, present_ids, crf)
         # Written last: its presence marks the sample as done.
-        save_label_png(pseudo_label_path(output_dir, sample_id), label_map.astype(np.uint8))
+        save_label_png(pseudo_label_path(output_dir, sample_id), label_map)
         written.append(sample_id)
     return PseudoLabelSummary(written=written, skipped=skipped)
 
