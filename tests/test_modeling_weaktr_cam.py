@@ -375,6 +375,27 @@ def test_fine_cam_loss_only_trains_fusion(tester):
             assert parameter.grad is None or not parameter.grad.any(), name
 
 
+def test_fine_cam_scale_scales_the_fine_outputs_only(tester):
+    """The demo's option: a factor on the fine CAM and its score; every other output is untouched, and the default
+    (1.0) is the paper's model."""
+    assert tester.get_config().fine_cam_scale == 1.0
+    torch.manual_seed(0)
+    plain = build_model(tester)
+    scaled = WeakTrForCAM(tester.get_config(fine_cam_scale=16.0)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    pixel_values, labels = tester.prepare_pixel_values(2, 24, 40), tester.prepare_cam_labels(2)
+    with torch.no_grad():
+        first, second = plain(pixel_values, labels=labels), scaled(pixel_values, labels=labels)
+
+    torch.testing.assert_close(second.fine_cam, 16.0 * first.fine_cam)
+    torch.testing.assert_close(second.fine_logits, 16.0 * first.fine_logits)
+    for name in ("logits", "coarse_cam", "cross_attention", "class_loss", "coarse_loss"):
+        torch.testing.assert_close(getattr(second, name), getattr(first, name))
+    assert second.fine_loss != first.fine_loss
+    with pytest.raises(ValueError, match="fine_cam_scale must be positive"):
+        tester.get_config(fine_cam_scale=0.0)
+
+
 def test_every_parameter_gets_a_finite_gradient_from_the_full_loss(tester):
     model = build_model(tester).train()
     outputs = model(tester.prepare_pixel_values(2, 24, 40), labels=tester.prepare_cam_labels(2))

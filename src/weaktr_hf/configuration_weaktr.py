@@ -82,6 +82,12 @@ class WeakTrConfig(PreTrainedConfig):
             Adaptive Attention Fusion: reduction of the per-head feature projection (head_dim -> head_dim / it).
         aaf_pooling (`str`, *optional*, defaults to `"max"`):
             Pooling of each head's features over tokens, `"max"` (released runs) or `"avg"`.
+        fine_cam_scale (`float`, *optional*, defaults to 1.0):
+            Factor on the fine CAM (and so on its image score). 1.0 is the paper's model. The fine score is about
+            the coarse score divided by the patch count (the class token's attention to a patch averages 1 / N), so a
+            small model whose coarse scores are a few units gets fine scores near 0 and a fine loss stuck at ln 2;
+            a factor of about N restores the coarse scale. CAMs are min-max normalised before use, so only the fine
+            loss (and the fusion weights it trains) changes. The offline demo's option; off for the paper presets.
         decoder_hidden_size (`int`, *optional*, defaults to 384):
             Width of the step-2 mask-transformer decoder.
         decoder_num_hidden_layers (`int`, *optional*, defaults to 2):
@@ -138,6 +144,7 @@ class WeakTrConfig(PreTrainedConfig):
     aaf_reduction: int = 8
     aaf_feat_reduction: int = 8
     aaf_pooling: str = "max"
+    fine_cam_scale: float = 1.0
     # Step 2: mask-transformer decoder (Segmenter's, as released: 2 layers, 384 wide, dropout 0.1).
     decoder_hidden_size: int = 384
     decoder_num_hidden_layers: int = 2
@@ -248,6 +255,8 @@ class WeakTrConfig(PreTrainedConfig):
             )
         if self.rope_theta <= 0:
             raise ValueError(f"WeakTrConfig.rope_theta must be positive, got {self.rope_theta!r}.")
+        if not self.fine_cam_scale > 0:
+            raise ValueError(f"WeakTrConfig.fine_cam_scale must be positive, got {self.fine_cam_scale!r}.")
         if self.clip_start_value <= 0:
             raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
 

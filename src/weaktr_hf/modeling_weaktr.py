@@ -685,6 +685,8 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
         patch_attention = fused[:, num_classes:, num_classes:]
         cams = cross_attention * F.relu(coarse_cam.detach())
         fine_cam = torch.bmm(cams.flatten(2), patch_attention.transpose(1, 2)).view_as(cams)
+        if self.config.fine_cam_scale != 1.0:
+            fine_cam = fine_cam * self.config.fine_cam_scale
         fine_logits = fine_cam.mean(dim=(2, 3))
 
         loss = class_loss = coarse_loss = fine_loss = None

@@ -1,0 +1,107 @@
+"""examples/pretrain_backbone.py on a tiny config: deterministic for a seed, resumable, and its output loads as the
+demo's `--backbone` (timm layout, safetensors). The committed demo backbone itself is checked for size and fit."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from weaktr_hf import WeakTrConfig, WeakTrForCAM, load_timm_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num_classes", "4", "--image_size", "32", "--hidden_size", "32", "--intermediate_size", "64",
+        "--num_hidden_layers", "2", "--num_attention_heads", "2", "--batch_size", "4", "--max_train_steps", "4",
+        "--warmup_steps", "2", "--num_val", "8", "--eval_steps", "2", "--checkpointing_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("pretrain_backbone", ROOT / "examples" / "pretrain_backbone.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_same_seed_same_weights_other_seed_other_weights(script, tmp_path):
+    runs = {name: tmp_path / name for name in ("a", "b", "other")}
+    for name, folder in runs.items():
+        script.main(["--output_dir", str(folder), "--seed", "1" if name == "other" else "0", *TINY])
+    first, again, other = (load_file(folder / "model.safetensors") for folder in runs.values())
+
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+def test_output_layout_card_and_loading_as_backbone(script, tmp_path):
+    record = script.main(["--output_dir", str(tmp_path), *TINY])
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "model.safetensors", "pretraining.json"]
+    saved = json.loads((tmp_path / "pretraining.json").read_text())
+    assert saved["final"] == record["final"] and [entry["step"] for entry in saved["history"]] == [2, 4]
+    assert 0.0 <= saved["final"]["image_topk_accuracy"] <= 1.0 and 0.0 <= saved["final"]["patch_accuracy"] <= 1.0
+    assert "4 steps of batch 4" in (tmp_path / "README.md").read_text()
+    state = load_file(tmp_path / "model.safetensors")
+    assert state["pos_embed"].shape == (1, 1 + 16, 32) and state["head.weight"].shape == (4, 32)  # timm names
+
+    config = WeakTrConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, aaf_reduction=2, aaf_feat_reduction=2, num_labels=3)  # fmt: skip
+    model = WeakTrForCAM(config)
+    report = load_timm_backbone(model, str(tmp_path / "model.safetensors"))
+    assert not report.missing_keys
+    torch.testing.assert_close(model.weaktr.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(script, tmp_path, monkeypatch):
+    script.main(["--output_dir", str(tmp_path / "whole"), *TINY])
+    original_losses = script.losses
+    calls = []
+
+    def crash_after_three_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original_losses(*args, **kwargs)
+
+    monkeypatch.setattr(script, "losses", crash_after_three_steps)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--output_dir", str(tmp_path / "resumed"), *TINY])
+    assert (tmp_path / "resumed" / "pretraining_state.pt").exists()  # saved at step 2
+    monkeypatch.setattr(script, "losses", original_losses)
+    script.main(["--output_dir", str(tmp_path / "resumed"), *TINY])
+
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "resumed"))
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert not (tmp_path / "resumed" / "pretraining_state.pt").exists()
+
+
+def test_batches_have_consistent_image_and_patch_targets(script):
+    args = script.parse_args(["--num_classes", "6", "--batch_size", "8"])
+    clouds = script.make_classes(0, 6)
+    pixels, image_labels, patch_targets = script.make_batch(0, 3, clouds, args)
+
+    assert pixels.shape == (8, 3, 64, 64) and patch_targets.shape == (8, 64, 7)
+    torch.testing.assert_close(patch_targets.sum(-1), torch.ones(8, 64))  # class fractions of each patch
+    present = patch_targets[..., 1:].sum(1) > 0
+    assert torch.equal(present.float(), image_labels)
+    assert set(image_labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
+    again = script.make_batch(0, 3, clouds, args)
+    assert all(torch.equal(a, b) for a, b in zip((pixels, image_labels, patch_targets), again))
+
+
+def test_committed_demo_backbone_is_small_and_fits_the_demo_preset():
+    path = ROOT / "examples" / "demo_backbone" / "model.safetensors"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run examples/pretrain_backbone.py --output_dir examples/demo_backbone")
+    assert path.stat().st_size < 10 * 2**20
+    config = WeakTrConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                          num_attention_heads=4, aaf_reduction=2, aaf_feat_reduction=2, num_labels=4)  # fmt: skip
+    report = load_timm_backbone(WeakTrForCAM(config), str(path))
+    assert not report.missing_keys
+    card = json.loads((path.parent / "pretraining.json").read_text())
+    assert card["final"]["image_topk_accuracy"] > 2 * (1 + card["settings"]["max_objects"]) / 2 / card["settings"]["num_classes"]
+    assert np.isfinite(card["wall_seconds"])
