@@ -98,7 +98,8 @@ def inspect(model, processor, rows):
             measures["background_patch_share"].append(float((patch_label == 0).float().mean()))
         for name in ("coarse_cam", "cross_attention", "fine_cam"):
             cams = getattr(outputs, name)[0]
-            measures[f"{name}_correlation"].append(float(np.mean([correlation(cams[k], pooled[k + 1]) for k in labels])))
+            values = [correlation(cams[k], pooled[k + 1]) for k in labels]
+            measures[f"{name}_correlation"].append(float(np.mean(values)))
     summary = {key: round(float(np.mean(values)), 4) for key, values in measures.items() if values}
     summary["fine_over_coarse_score"] = round(summary["fine_score"] / summary["coarse_score"], 4)
     summary["num_images"] = len(measures["class_score"])

@@ -103,5 +103,7 @@ def test_committed_demo_backbone_is_small_and_fits_the_demo_preset():
     report = load_timm_backbone(WeakTrForCAM(config), str(path))
     assert not report.missing_keys
     card = json.loads((path.parent / "pretraining.json").read_text())
-    assert card["final"]["image_topk_accuracy"] > 2 * (1 + card["settings"]["max_objects"]) / 2 / card["settings"]["num_classes"]
+    settings = card["settings"]
+    chance = (1 + settings["max_objects"]) / 2 / settings["num_classes"]  # k of K classes found by random scores
+    assert card["final"]["image_topk_accuracy"] > 2 * chance
     assert np.isfinite(card["wall_seconds"])

@@ -236,14 +236,16 @@ def bar_chart(values, reference=None, reference_label="baseline", title=None, si
     for index, (label, value) in enumerate(values.items()):
         x0, x1 = left + slot * (index + 0.15), left + slot * (index + 0.85)
         above = reference is None or value >= reference
-        draw.rectangle((x0, y_of(max(value, 0.0)), x1, height - bottom), fill=(70, 130, 180) if above else (214, 96, 77))
+        colour = (70, 130, 180) if above else (214, 96, 77)
+        draw.rectangle((x0, y_of(max(value, 0.0)), x1, height - bottom), fill=colour)
         draw.text(((x0 + x1) / 2, y_of(max(value, 0.0)) - 4), value_format.format(value), fill=(0, 0, 0),
                   font=small_font, anchor="mb")  # fmt: skip
         for line_index, part in enumerate(_wrap(label, max(4, int(slot / 7)))[:3]):
             draw.text(((x0 + x1) / 2, height - bottom + 4 + 14 * line_index), part, fill=(0, 0, 0), font=small_font,
                       anchor="ma")  # fmt: skip
     if reference is not None:
-        for y, x_start, x_end in ((y_of(reference), left, width - right), (16, width - right - 230, width - right - 190)):
+        key = (16, width - right - 230, width - right - 190)  # the dashed sample beside the label, top right
+        for y, x_start, x_end in ((y_of(reference), left, width - right), key):
             for x in range(x_start, x_end, 12):
                 draw.line((x, y, min(x + 6, x_end), y), fill=(0, 0, 0), width=2)
         draw.text((width - right - 184, 8), f"{reference_label} ({value_format.format(reference)})", fill=(0, 0, 0),

@@ -272,7 +272,9 @@ def make_synthetic_split(
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}.")
     if not 0 < object_size[0] <= object_size[1] <= 0.5:
-        raise ValueError(f"object_size must be a (min, max) radius fraction with 0 < min <= max <= 0.5, got {object_size}.")
+        raise ValueError(
+            f"object_size must be a (min, max) radius fraction with 0 < min <= max <= 0.5, got {object_size}."
+        )
     if int(clutter) != clutter or clutter < 1:
         raise ValueError(f"clutter must be an integer level >= 1 (1 is the built-in set), got {clutter}.")
     low, high = _sizes(image_size)
@@ -309,7 +311,10 @@ def load_synthetic(split=None, num_classes=4, image_size=96, num_train=1000, num
     sizes = {"train": num_train, "val": num_val}
     splits = SYNTHETIC_SPLITS if split is None else ([split] if isinstance(split, str) else list(split))
     result = datasets.DatasetDict(
-        {name: make_synthetic_split(name, sizes.get(name, 0), num_classes, image_size, seed, **options) for name in splits}
+        {
+            name: make_synthetic_split(name, sizes.get(name, 0), num_classes, image_size, seed, **options)
+            for name in splits
+        }
     )
     return result[split] if isinstance(split, str) else result
 
