@@ -428,6 +428,10 @@ def apply_preset(args, parser):
     if args.seg_init == "cam" and args.seg_encoder != "vit":
         parser.error(f"--seg_init cam starts step 2 from the step-1 encoder, a plain ViT; --seg_encoder "
                      f"{args.seg_encoder} needs --seg_init backbone (its pretrained weights) or scratch.")  # fmt: skip
+    if args.use_gradient_clipping and args.seg_crop_size < args.clip_window_size:
+        parser.error(f"--seg_crop_size {args.seg_crop_size} is smaller than --clip_window_size "
+                     f"{args.clip_window_size}: the only clipping window would be the whole crop, i.e. plain "
+                     "global-mean clipping. Use a window at most the crop size, or --no_gradient_clipping.")  # fmt: skip
     check_pretrained_init(args, parser)
     return args
 

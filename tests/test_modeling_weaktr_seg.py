@@ -161,6 +161,18 @@ def test_clipping_caps_pixels_above_max_of_window_and_global_mean():
     torch.testing.assert_close(clipped, expected, rtol=0, atol=0)
 
 
+def test_clipping_on_a_map_smaller_than_the_window_warns_that_it_is_global_clipping():
+    from transformers.testing_utils import CaptureLogger
+
+    import weaktr_hf.modeling_weaktr as modeling
+
+    with CaptureLogger(modeling.logger) as captured:
+        clipped = clip_pixel_losses(hand_losses()[:, :3], torch.ones(1, 3, 4, dtype=torch.bool), 1.2, window_size=7)
+    assert "3x4 label map is smaller than clip_window_size 7" in captured.out
+    global_mean = torch.tensor(HAND_LOSSES)[:3].mean()
+    torch.testing.assert_close(clipped.detach(), torch.tensor(HAND_LOSSES)[None, :3].clamp(max=global_mean))
+
+
 def test_clipped_pixels_get_no_gradient_and_others_keep_theirs():
     losses = hand_losses()
     clip_pixel_losses(losses, torch.ones(1, 4, 4, dtype=torch.bool), start_value=1.2, window_size=2).sum().backward()

@@ -142,6 +142,13 @@ def test_synthetic_config_selects_the_variant_of_the_synthetic_set(script):
     assert get_metadata(dataset["train"])["synthetic"]["num_classes"] == 8
 
 
+def test_crop_smaller_than_the_clipping_window_is_a_clear_error(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32"])
+    assert "--seg_crop_size 24 is smaller than --clip_window_size 32" in capsys.readouterr().err
+    script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32", "--no_gradient_clipping"])
+
+
 def test_bad_preset_use_is_a_clear_error(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--preset", "voc12-deit-s"])

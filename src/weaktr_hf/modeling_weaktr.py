@@ -18,9 +18,11 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_weaktr import WeakTrConfig
+
+logger = logging.get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -850,6 +852,7 @@ def clip_pixel_losses(pixel_losses, valid_mask, start_value, window_size, averag
 
     Windows tile the image from the top-left over the batch-averaged loss map; a border window that sticks out
     counts only real pixels. When H and W are multiples of `window_size` this equals the authors' implementation.
+    A map smaller than the window has one window, the whole map: the cap is then the global mean (warned once).
     """
     detached = pixel_losses.detach()
     weights = valid_mask.to(detached.dtype) if average == "valid_pixels" else torch.ones_like(detached)
@@ -857,6 +860,12 @@ def clip_pixel_losses(pixel_losses, valid_mask, start_value, window_size, averag
     if global_mean > start_value:
         return pixel_losses
     height, width = detached.shape[-2:]
+    if height < window_size or width < window_size:
+        logger.warning_once(
+            f"gradient clipping: the {height}x{width} label map is smaller than clip_window_size {window_size}, so "
+            "the local window mean is the global mean and clipping is plain global-mean clipping; train on crops "
+            "at least clip_window_size wide, or lower clip_window_size."
+        )
     pad = (0, (-width) % window_size, 0, (-height) % window_size)
     loss_sum = F.pad((detached * weights).sum(0, keepdim=True), pad).unsqueeze(1)
     count = F.pad(weights.sum(0, keepdim=True), pad).unsqueeze(1)
