@@ -872,14 +872,15 @@ def keep_epoch_by_classification(args, accelerator, model, processor, heldout, e
 
 
 def choose_pseudo_labels_without_masks(args, accelerator, subset, candidates, thresholds, state, results):
-    """Otsu's rule (`weaktr_hf.selection`) on the kept model's CAMs of the train subset, at the pseudo-labels' scales:
-    the CAM and background threshold, written to cam_selection.json next to the epoch."""
+    """The mask-free rule of `weaktr_hf.selection` (Otsu threshold, CAM of the most agreeing passes) on the kept
+    model's CAMs of the train subset, at the pseudo-labels' scales; written to cam_selection.json next to the epoch."""
     model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam")).to(accelerator.device)
     choice = choose_cam_without_masks(model, subset, cams=candidates, thresholds=thresholds, scales=args.cam_scales,
                                       flip=args.cam_flip, show_progress=accelerator.is_local_main_process)  # fmt: skip
-    accelerator.print(f"Mask-free choice (Otsu's rule on {choice['num_images']} train images): {choice['cam']} at "
+    accelerator.print(f"Mask-free choice (Otsu threshold, pass agreement; {choice['num_images']} train images): "
+                      f"{choice['cam']} at "
                       f"threshold {choice['threshold']:.2f}; " + ", ".join(
-                          f"{name} t={value['threshold']:.2f} separability {value['separability']:.3f}"
+                          f"{name} t={value['threshold']:.2f} pass agreement {value['pass_agreement']:.3f}"
                           for name, value in choice["per_cam"].items()))  # fmt: skip
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),

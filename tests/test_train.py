@@ -14,6 +14,7 @@ from transformers import pipeline
 import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.data import BadSampleError, get_class_names, get_metadata
+from weaktr_hf.visualization import load_label_png
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -223,12 +224,25 @@ def test_tracking_logs_the_three_cam_losses_lr_and_selection_miou(script, tmp_pa
 
 @pytest.fixture(scope="module")
 def mask_free_run(script, tmp_path_factory):
-    """The whole recipe on the synthetic set with every mask removed (train and val), saved like a user's dataset."""
+    """The whole recipe on a one-class synthetic set with every mask removed (train and val) and every fourth image
+    replaced by background only (an empty label list), saved like a user's dataset."""
+    import numpy as np
+
     from weaktr_hf.data import load_wsss_dataset
 
     root = tmp_path_factory.mktemp("mask_free")
-    dataset = load_wsss_dataset("synthetic", num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=32, seed=42)
-    dataset.remove_columns("semantic_mask").save_to_disk(str(root / "data"))
+    dataset = load_wsss_dataset(
+        "synthetic", num_classes=1, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=32, seed=42
+    )
+
+    def background_only(example, index):
+        if index % 4 != 3:
+            return {}
+        noise = np.random.default_rng(index).integers(90, 160, (32, 32, 3), dtype=np.uint8)
+        return {"image": PIL.Image.fromarray(noise), "labels": []}
+
+    dataset = dataset.remove_columns("semantic_mask").map(background_only, with_indices=True)
+    dataset.save_to_disk(str(root / "data"))
     output_dir = root / "run"
     results = script.main(["--output_dir", str(output_dir), *TINY, "--dataset_path", str(root / "data")])
     return output_dir, results
@@ -238,7 +252,7 @@ def test_whole_recipe_runs_without_masks_and_records_its_rules(mask_free_run):
     output_dir, results = mask_free_run
     saved = json.loads((output_dir / "all_results.json").read_text())
     assert saved["cam_selection_rule"] == "heldout_classification_loss" and saved["cam_selection_heldout_loss"] > 0
-    assert saved["pseudo_label_choice_rule"] == "otsu" and saved["cam_choice_rule"] == "otsu"
+    assert saved["pseudo_label_choice_rule"] == saved["cam_choice_rule"] == "otsu_threshold_pass_agreement"
     selection = json.loads((output_dir / "cam_selection.json").read_text())
     assert selection["cam"] == saved["pseudo_label_cam"] in ("coarse_cam", "fine_cam", "cross_attention")
     assert selection["threshold"] == saved["pseudo_label_threshold"] in (0.3, 0.5)
@@ -246,9 +260,10 @@ def test_whole_recipe_runs_without_masks_and_records_its_rules(mask_free_run):
     # Nothing was scored, and the eval stage says why.
     assert "pseudo_label_miou" not in saved and "fine_cam_miou" not in saved and saved["seg_val_miou"] is None
     assert "mIoU needs ground-truth masks" in saved["seg_val_note"]
-    assert isinstance(WeakTrForCAM.from_pretrained(output_dir / "cam"), WeakTrForCAM)
-    assert isinstance(WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg"), WeakTrForSemanticSegmentation)
+    assert WeakTrForCAM.from_pretrained(output_dir / "cam").config.num_labels == 1  # one foreground class
+    assert WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg").config.num_labels == 2
     assert len(list((output_dir / "pseudo_labels").glob("*.png"))) == NUM_TRAIN
+    assert not load_label_png(output_dir / "pseudo_labels" / "synthetic_train_000003.png").any()  # background only
     predictions = sorted((output_dir / "predictions").glob("*.png"))
     assert len(predictions) == NUM_VAL == saved["seg_val_predicted_samples"]
     figures = sorted(path.name for path in (output_dir / "figures").glob("*.png"))

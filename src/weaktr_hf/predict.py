@@ -8,8 +8,8 @@ id. `--images` is a folder (searched recursively for files PIL can read) or a gl
 
 Outputs, in `--output_dir`, mirroring the images' sub-folders:
   <name>.png            class ids, palette-coloured, the size of the image as displayed (EXIF orientation applied):
-                        0 = background, k = `id2label[k]` of a segmenter (k + 1 = `id2label[k]` of a CAM model). Two inputs with the same stem (a.jpg, a.png)
-                        keep their extension in the name: a_jpg.png, a_png.png.
+                        0 = background, k = `id2label[k]` of a segmenter (k + 1 = `id2label[k]` of a CAM model).
+                        Two inputs with the same stem (a.jpg, a.png) keep their extension: a_jpg.png, a_png.png.
   overlays/<name>.png   with --overlays: the image with the classes blended over it.
   cams/<name>_<class>.png  with --save_cams (CAM model): each predicted class's CAM over the image.
 
@@ -130,7 +130,8 @@ class Predictor:
             probabilities = segment(self.model, pixel_values, self.window_size, self.window_stride,
                                     scales=self.args.scales, flip=self.args.flip)[0]  # fmt: skip
             if self.crf is not None:
-                return crf_refine_present_classes(pil_image_to_uint8(image), probabilities.cpu().numpy(), **self.crf), None
+                pixels = pil_image_to_uint8(image)
+                return crf_refine_present_classes(pixels, probabilities.cpu().numpy(), **self.crf), None
             return probabilities.argmax(0).cpu().numpy(), None
         with torch.no_grad():
             resized = self.classify(image, return_tensors="pt").pixel_values.to(self.args.device)

@@ -1,0 +1,59 @@
+"""The mask-free choices: Otsu's threshold, the CAM of the most agreeing passes, the held-out classification loss."""
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weaktr_hf import WeakTrForCAM, WeakTrImageProcessor
+from weaktr_hf.selection import choose_cam_without_masks, heldout_classification_loss, otsu_threshold
+
+
+def test_otsu_threshold_splits_two_groups_and_says_how_cleanly():
+    values = np.concatenate([np.full(60, 0.15), np.full(40, 0.75)])
+    threshold, separability = otsu_threshold(values)
+    assert 0.15 < threshold < 0.75 and separability > 0.99
+    noisy = np.random.default_rng(0).uniform(0, 1, 5000)
+    assert otsu_threshold(noisy)[1] < separability
+    assert otsu_threshold(np.full(10, 0.3)) == (0.5, 0.0)  # a constant map has no split
+
+
+def dataset_of(labels, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)) for _ in labels]
+    return datasets.Dataset.from_dict({"image": images, "labels": labels})
+
+
+def test_mask_free_choice_returns_a_candidate_cam_and_threshold_and_skips_background_only_images(tester):
+    model = WeakTrForCAM(tester.get_config()).eval()
+    thresholds = (0.2, 0.4, 0.6)
+
+    choice = choose_cam_without_masks(model, dataset_of([[0], [], [1, 2]]), thresholds=thresholds, scales=(1.0, 1.5),
+                                      show_progress=False)  # fmt: skip
+
+    assert choice["num_images"] == 2  # the background-only image carries no CAM
+    assert choice["cam"] in ("coarse_cam", "fine_cam", "cross_attention")
+    assert choice["threshold"] == choice["per_cam"][choice["cam"]]["threshold"] in thresholds
+    agreements = {name: value["pass_agreement"] for name, value in choice["per_cam"].items()}
+    assert all(0.0 <= value <= 1.0 for value in agreements.values())
+    assert agreements[choice["cam"]] == max(agreements.values())
+    for value in choice["per_cam"].values():  # snapped to the nearest candidate
+        distance = abs(value["threshold"] - value["raw_threshold"])
+        assert distance == min(abs(t - value["raw_threshold"]) for t in thresholds)
+    with pytest.raises(ValueError, match="no image of the subset has an image-level label"):
+        choose_cam_without_masks(model, dataset_of([[], []]), show_progress=False)
+
+
+def test_heldout_classification_loss_is_the_mean_soft_margin_loss_at_the_model_size(tester):
+    model = WeakTrForCAM(tester.get_config()).eval()
+    heldout = dataset_of([[0], [], [1, 2]], seed=1)
+
+    loss = heldout_classification_loss(model, heldout, image_size=32, batch_size=2)
+
+    pixel_values = WeakTrImageProcessor(size={"height": 32, "width": 32})(list(heldout["image"]), return_tensors="pt")
+    targets = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 1, 1]])
+    with torch.no_grad():
+        expected = F.multilabel_soft_margin_loss(model(pixel_values=pixel_values.pixel_values).logits, targets)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
