@@ -30,13 +30,20 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-SECTIONS = ("step1", "step2", "train", "cam", "compile")
-DEFAULT_SECTIONS = ("step1", "step2", "train", "cam")
+SECTIONS = ("step1", "step2", "backbones", "train", "cam", "compile")
+DEFAULT_SECTIONS = ("step1", "step2", "backbones", "train", "cam")
 TIMM_MODEL = "deit_small_patch16_224"
+# The authors' step-2 DINOv2-S / EVA-02-S encoders as timm builds them when configured like the authors (patch 16,
+# 480 crop, LayerNorm eps 1e-5, EVA's final norm on all tokens; shared/docs/BACKBONES.md section 3).
+TIMM_BACKBONES = {
+    "dinov2": ("vit_small_patch14_dinov2", {}),
+    "eva02": ("eva02_small_patch14_224", {"global_pool": "token", "use_fc_norm": False}),
+}
 CAM_IMAGE_SIZE = (375, 500)  # (height, width) of a typical VOC image
 CAM_SCALES = (1.0, 1.2)  # VOC's CAM-generation scales
 MIB = 1024 * 1024
@@ -56,6 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of each callable before timing.")
     parser.add_argument("--step1-cases", default="224x1,224x8,448x1,448x8", help="Step-1 forward cases, SIZExBATCH.")
     parser.add_argument("--step2-batches", default="1,4", help="Step-2 forward batch sizes at 480x480.")
+    parser.add_argument("--backbone-batches", default="1,4", help="DINOv2-S / EVA-02-S step-2 batch sizes at 480.")
     parser.add_argument("--train-step1", default="224x8", help="Step-1 training case, SIZExBATCH.")
     parser.add_argument("--train-step2", default="480x2", help="Step-2 training case, SIZExBATCH.")
     parser.add_argument("--compile-cases", default="step1:224x8,step2:480x4", help="Cases of the compile section.")
@@ -118,6 +126,11 @@ def plan_cases(args):
         if "step2" in args.sections:
             for batch in args.step2_batches.split(","):
                 specs.append({"section": "step2", "size": 480, "batch": int(batch), "dtype": dtype})
+        if "backbones" in args.sections:
+            for variant in TIMM_BACKBONES:
+                for batch in args.backbone_batches.split(","):
+                    specs.append({"section": "backbones", "variant": variant, "size": 480, "batch": int(batch),
+                                  "dtype": dtype})  # fmt: skip
         if "train" in args.sections:
             size, batch = parse_size_batch(args.train_step1)
             specs.append({"section": "train", "model": "step1", "size": size, "batch": batch, "dtype": dtype})
@@ -220,6 +233,50 @@ class ModelZoo:
         self._load(model, self.get("timm_step2").cpu())
         return model
 
+    def _build_timm_backbone(self, variant):
+        name, extra = TIMM_BACKBONES[variant]
+        model = self._timm.create_model(
+            name, pretrained=False, img_size=480, patch_size=16, num_classes=0, drop_path_rate=0.1,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), **extra,
+        )  # fmt: skip
+        with torch.no_grad():  # LayerScale starts at 1e-5 in timm: make every branch count
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+        return set_timm_attention(model, fused=True)
+
+    def _build_seg_backbone(self, variant):
+        from weaktr_hf.configuration_weaktr import ENCODER_VARIANTS
+
+        WeakTrConfig, _, WeakTrForSemanticSegmentation = self._classes
+        fields = dict(ENCODER_VARIANTS[variant], **({"intermediate_size": 1024} if variant == "eva02" else {}))
+        config = WeakTrConfig(image_size=480, id2label=self.seg_id2label, layer_norm_eps=1e-5, **fields)
+        model = WeakTrForSemanticSegmentation(config)
+        self._load(model, self.get(f"timm_{variant}").cpu())
+        return model
+
+    def _build_timm_dinov2(self):
+        return self._build_timm_backbone("dinov2")
+
+    def _build_timm_eva02(self):
+        return self._build_timm_backbone("eva02")
+
+    def _build_seg_dinov2(self):
+        return self._build_seg_backbone("dinov2")
+
+    def _build_seg_eva02(self):
+        return self._build_seg_backbone("eva02")
+
+    def backbone_parity(self):
+        """Max abs differences of our DINOv2-S / EVA-02-S step-2 encoders from timm's on the same weights (480x480)."""
+        pixels = torch.randn(1, 3, 480, 480, generator=torch.Generator().manual_seed(0)).to(self.device)
+        differences = {}
+        with torch.inference_mode():
+            for variant in TIMM_BACKBONES:
+                reference = self.get(f"timm_{variant}").forward_features(pixels)
+                ours = self.get(f"seg_{variant}").weaktr(pixels).last_hidden_state
+                differences[f"step2_{variant}_encoder_vs_timm"] = (ours - reference).abs().max().item()
+        return differences
+
     def parity(self):
         """Max abs differences between our encoders and the timm models they are benchmarked against (~1e-5)."""
         generator = torch.Generator().manual_seed(0)
@@ -316,6 +373,19 @@ def case_step2(zoo, spec):
         )
     ]
     return f"{size}x{size} b{batch}", callables, rows
+
+
+def case_backbones(zoo, spec):
+    """Step 2 on the authors' DINOv2-S / EVA-02-S: our segmenter against timm's encoder + our decoder."""
+    variant, size, batch = spec["variant"], spec["size"], spec["batch"]
+    pixels = random_pixels(batch, size, size, zoo.device, zoo.dtype)
+    seg = zoo.get(f"seg_{variant}")
+    floor = TimmFeaturesDecoder(zoo.get(f"timm_{variant}"), seg.decoder, seg.config.patch_size).eval()
+    name = {"dinov2": "DINOv2-S", "eva02": "EVA-02-S"}[variant]
+    callables = {"seg": forward_fn(zoo.cast(seg), pixels), "floor": forward_fn(zoo.cast(floor), pixels)}
+    rows = [("seg", "floor", f"WeakTrForSemanticSegmentation {name} (SDPA)",
+             f"floor: timm {TIMM_BACKBONES[variant][0]} forward_features (SDPA) + our decoder", 1.05)]  # fmt: skip
+    return f"{name} {size}x{size} b{batch}", callables, rows
 
 
 def train_step_fn(model, loss_fn, device, dtype):
@@ -436,7 +506,10 @@ def case_compile(zoo, spec):
     return f"{size}x{size} b{batch}", callables, rows
 
 
-CASES = {"step1": case_step1, "step2": case_step2, "train": case_train, "cam": case_cam, "compile": case_compile}
+CASES = {
+    "step1": case_step1, "step2": case_step2, "backbones": case_backbones, "train": case_train, "cam": case_cam,
+    "compile": case_compile,
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -642,6 +715,8 @@ def main(argv=None):
     specs = plan_cases(args)
     zoos = {name: ModelZoo(args.device, getattr(torch, name)) for name in args.dtypes}
     parity = zoos["float32"].parity() if "float32" in zoos else None
+    if parity is not None and "backbones" in args.sections:
+        parity.update(zoos["float32"].backbone_parity())
     if parity:
         print(f"encoder parity with the timm baselines (max abs diff): {parity}", flush=True)
 

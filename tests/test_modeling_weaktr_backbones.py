@@ -233,3 +233,24 @@ def test_variants_train_save_and_load(tester, tmp_path, variant, model_class):
 def test_config_rejects_inconsistent_variants(tester, overrides, message):
     with pytest.raises(ValueError, match=message):
         tester.get_config(**overrides)
+
+
+def test_all_variants_compile_in_one_graph_and_match_eager(tester):
+    """LayerScale, the gated MLP, q/v biases and RoPE together: one Dynamo graph (`fullgraph=True`, `aot_eager` as in
+    tests/test_fast_paths.py) at the training grid and at another one, equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    config = tester.get_segmentation_config(**TINY_VARIANTS["dinov2"], **TINY_VARIANTS["eva02"])
+    model = WeakTrForSemanticSegmentation(config).eval()
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for height, width in [(32, 32), (40, 24)]:
+            pixel_values = tester.prepare_pixel_values(2, height, width)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits,
+                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+        assert counter.frame_count >= 1
+    finally:
+        torch._dynamo.reset()
