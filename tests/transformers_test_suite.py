@@ -11,9 +11,8 @@ The sdist ships `tests/*.py` only. Three modules the common files import are not
 - `exporters/test_export.py`: `ExportTesterMixin`, the base of `ModelTesterMixin` holding the torch.export / ONNX /
   ExecuTorch export tests. An empty class stands in, so those tests are not run.
 - `generation/test_utils.py`: `GenerationTesterMixin`, only used in an `issubclass` check (our models do not generate).
-- `utils/fetch_hub_objects_for_ci.py`: `url_to_local_path`, which maps the Hub fixture images (COCO cats, ADE20k
-  images and label maps) to local files. With no Hub, it maps them to images generated here with the same names,
-  sizes and modes.
+- `utils/fetch_hub_objects_for_ci.py`: `url_to_local_path`, the lookup of pre-fetched Hub fixtures; none of the tests
+  run here loads one (those that would, the backend-equivalence tests, skip for a single-backend processor).
 """
 
 import importlib
@@ -28,7 +27,7 @@ from pathlib import Path
 import transformers
 
 PACKAGE = "transformers_tests"
-LAYOUT = 1  # bump when the stand-ins below change, so that cached copies are rebuilt
+LAYOUT = 2  # bump when the stand-ins below change, so that cached copies are rebuilt
 PIP_TIMEOUT_S = 600
 
 STAND_INS = {
@@ -48,48 +47,15 @@ class GenerationTesterMixin:
 ''',
 }
 
-FIXTURES_MODULE = '''"""Stand-in for transformers' utils/fetch_hub_objects_for_ci.py: Hub fixtures -> local images."""
+FIXTURES_MODULE = '''"""Stand-in for transformers' utils/fetch_hub_objects_for_ci.py, which the sdist lacks: a Hub fixture's
+pre-fetched copy in the working directory, else its URL. The tests run here load no Hub fixture."""
 
 import os
 
-import numpy as np
-from PIL import Image
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-# name -> (width, height, mode): the sizes and modes of the Hub files.
-IMAGES = {
-    "000000039769.jpg": (640, 480, "RGB"),
-    "ADE_val_00000001.jpg": (683, 512, "RGB"),
-    "ADE_val_00000002.jpg": (683, 512, "RGB"),
-    "ADE_val_00000001.png": (683, 512, "L"),
-    "ADE_val_00000002.png": (683, 512, "L"),
-}
-
-
-def _generate(path, width, height, mode, seed):
-    rng = np.random.default_rng(seed)
-    if mode == "L":
-        # Label maps: smooth blobs of ADE20k class ids (0 = "other").
-        rows = (np.arange(height)[:, None] * 7 // height + np.arange(width)[None, :] * 5 // width) % 6
-        array = (rows * 25 + rng.integers(0, 2, (height, width))).astype(np.uint8)
-    else:
-        gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-        array = np.clip(gradient + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(array, mode=mode).save(path)
-
 
 def url_to_local_path(url, return_url_if_not_found=True):
-    name = url.split("/")[-1]
-    if name not in IMAGES:
-        return url if return_url_if_not_found else name
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        os.makedirs(FIXTURES, exist_ok=True)
-        width, height, mode = IMAGES[name]
-        partial = f"{path}.{os.getpid()}{os.path.splitext(name)[1]}"
-        _generate(partial, width, height, mode, seed=sorted(IMAGES).index(name))
-        os.replace(partial, path)
-    return path
+    name = url.rsplit("/", 1)[-1]
+    return url if return_url_if_not_found and not os.path.exists(name) else name
 '''
 
 
