@@ -199,3 +199,12 @@ def test_voc_save_to_disk_round_trip_keeps_classes_and_rows(voc, tmp_path):
     assert get_class_names(reloaded) == list(VOC_CLASSES)
     assert reloaded["id"] == val["id"] and reloaded["labels"] == val["labels"]
     np.testing.assert_array_equal(np.array(reloaded[0]["semantic_mask"]), np.array(val[0]["semantic_mask"]))
+
+
+def test_split_lists_keep_dots_inside_ids(tmp_path):
+    from weaktr_hf.data.voc import read_id_list
+
+    split = tmp_path / "train.txt"
+    split.write_text("scan.001\nimg_2.v2\n/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\nx.v1.PNG\n")
+
+    assert read_id_list(split) == ["scan.001", "img_2.v2", "2007_000032", "x.v1"]

@@ -81,6 +81,11 @@ def evaluate_cams(
     results = {}
     for cam in cams:
         scores = [m.compute()["mean_iou"] for m in _sum_across_processes(matrices[cam], accelerator)]
+        if all(np.isnan(score) for score in scores):
+            raise ValueError(
+                f"no pixel was scored: the selection holds no sample (dataset of {len(dataset)}, max_samples="
+                f"{max_samples}) or only ignored pixels, so there is no best threshold. Pass samples with masks."
+            )
         best = _early_stopped_best(scores) if early_stop else int(np.nanargmax(scores))
         results[cam] = {
             "mean_iou": float(scores[best]),

@@ -58,13 +58,21 @@ def find_voc_root(path):
     return None
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
 def read_id_list(path):
-    """Image ids from a split list: one per line; a line may also be a path such as `/JPEGImages/<id>.jpg ...`."""
+    """Image ids from a split list: one per line; a line may also be a path such as `/JPEGImages/<id>.jpg ...`.
+
+    Only a folder and an image suffix (`.jpg`, `.jpeg`, `.png`) are taken off, so ids with dots (`scan.001`) stay
+    whole.
+    """
     ids = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            ids.append(Path(line.split()[0]).stem)
+            name = Path(line.split()[0]).name
+            ids.append(name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES else name)
     return ids
 
 
