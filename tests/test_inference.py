@@ -189,3 +189,21 @@ def test_generate_cams_for_several_names_equals_one_call_per_name(tester):
     for name in names:
         alone = generate_cams(model, pixel_values, [[0, 2]], scales=(1.0, 1.2), flip=True, cam=name)
         torch.testing.assert_close(together[name], alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cam", ["coarse_cam", "fine_cam"])
+def test_post_process_cams_equals_single_pass_generate_cams(cam_model, cam):
+    from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
+
+    processor = WeakTrImageProcessor(do_resize=False, size_divisor=8)
+    pixel_values = processor(torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8), return_tensors="pt").pixel_values
+    labels = [[0, 1, 2]]
+    with torch.no_grad():
+        outputs = cam_model(pixel_values=pixel_values)
+    assert getattr(outputs, cam).min() < 0 or cam == "fine_cam"  # the coarse CAM has negative values to ReLU
+
+    (post_processed,) = processor.post_process_cams(outputs, labels, target_sizes=[(32, 48)], cam=cam)
+    generated = cams_to_labels(generate_cams(cam_model, pixel_values, labels, scales=(1.0,), flip=False, cam=cam),
+                               labels, 0.43)[0]  # fmt: skip
+
+    torch.testing.assert_close(post_processed, generated.cpu())

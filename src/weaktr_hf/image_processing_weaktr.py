@@ -635,7 +635,7 @@ class WeakTrImageProcessor(TorchvisionBackend):
         """
         Turn [`WeakTrForCAM`] CAMs into pseudo-label maps (single scale, no CRF).
 
-        Upsample bilinearly (cropping padding as in `post_process_semantic_segmentation`), ReLU, zero the classes
+        ReLU, upsample bilinearly (cropping padding as in `post_process_semantic_segmentation`), zero the classes
         absent from `labels`, min-max normalise each present class to [0, 1] (`normalize_cams`), then argmax over
         [threshold, CAMs] (`cams_to_label_map`).
 
@@ -661,10 +661,10 @@ class WeakTrImageProcessor(TorchvisionBackend):
         geometry = self._geometry(size, do_resize, size_divisor, do_pad)
         label_maps = []
         for i in range(batch_size):
-            maps = cams[i].to(torch.float32)
+            maps = cams[i].to(torch.float32).relu()  # ReLU before upsampling, as generate_cams does
             if sizes is not None:
                 maps = self._upsample_to_image(maps, sizes[i], geometry)
-            maps = normalize_cams(maps.relu(), present[i])
+            maps = normalize_cams(maps, present[i])
             label_maps.append(cams_to_label_map(maps, present[i], threshold).to(torch.int64).cpu())
         return label_maps
 
