@@ -171,6 +171,17 @@ def test_bad_images_raise_with_their_index():
         processor(Image.fromarray(np.array([[0.0, 2.0]], dtype=np.float32)))
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_single_map_with_a_channel_axis_is_one_map(as_tensor):
+    label_map = np.random.default_rng(0).integers(0, 4, (30, 50, 1), dtype=np.uint8)
+    maps = torch.from_numpy(label_map) if as_tensor else label_map
+    image = np.zeros((30, 50, 3), dtype=np.uint8)
+
+    labels = WeakTrImageProcessor(do_resize=False)(image, segmentation_maps=maps, return_tensors="pt")["labels"]
+
+    torch.testing.assert_close(labels, torch.from_numpy(label_map[None, ..., 0]).long())
+
+
 def test_bad_segmentation_maps_raise_with_their_index():
     processor = WeakTrImageProcessor()
     images = [Image.new("RGB", (9, 8)), Image.new("RGB", (8, 9))]

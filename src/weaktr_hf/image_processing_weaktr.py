@@ -492,6 +492,9 @@ class WeakTrImageProcessor(TorchvisionBackend):
         data = {"pixel_values": images}
 
         if segmentation_maps is not None:
+            if isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 3:
+                if segmentation_maps.shape[-1] == 1:  # one (H, W, 1) map, not H maps of width 1
+                    segmentation_maps = segmentation_maps[..., 0]
             segmentation_maps = self._as_list(segmentation_maps, batch_ndim=3, kind="segmentation maps")
             maps = [self._segmentation_map_to_tensor(label_map, i) for i, label_map in enumerate(segmentation_maps)]
             if len(maps) != len(images):
