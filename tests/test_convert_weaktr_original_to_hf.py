@@ -1,9 +1,10 @@
 """Tests of the converter for the authors' released checkpoints: key mapping, config inference, error messages,
 saved folders, CLI, Hub upload, and numerical parity with a reimplementation of the authors' forward passes.
 
-Checkpoints are built here in the authors' key layout (docs/METHOD.md, "Checkpoint layouts") with random values, so
-that nothing is downloaded; the reference forwards below read those keys directly and follow what the authors'
-step-1 model (models.py, AAF.py, vision_transformer.py) and step-2 Segmenter (OnlineRetraining/segm/model) compute.
+Checkpoints are built here in the authors' key layout (the dicts their `main.py` and `OnlineRetraining/segm/train.py`
+save) with random values, so that nothing is downloaded; the reference forwards below read those keys directly and
+follow what the authors' step-1 model (models.py, AAF.py, vision_transformer.py) and step-2 Segmenter
+(OnlineRetraining/segm/model) compute.
 """
 
 import argparse

@@ -117,7 +117,8 @@ def test_cam_model_position_rows_are_resized_bicubically_to_its_grid(timm_deit):
 
 
 def test_segmentation_model_position_rows_are_resized_bilinearly_to_its_grid(timm_deit):
-    # The authors' step-2 encoder resizes the ImageNet table to the training crop's grid bilinearly (METHOD.md).
+    # The authors' step-2 encoder resizes the ImageNet table to the training crop's grid bilinearly
+    # (OnlineRetraining/segm/model/utils.py:37).
     model = WeakTrForSemanticSegmentation(cam_config(num_labels=2, image_size=(160, 192)))
     load_timm_backbone(model, timm_deit)
     assert model.weaktr.pos_embed.shape == (1, 1 + 10 * 12, 384)

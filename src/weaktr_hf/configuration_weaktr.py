@@ -19,7 +19,8 @@ class WeakTrConfig(PreTrainedConfig):
     r"""
     Configuration of both WeakTr models: [`WeakTrForCAM`] (step 1, CAM generation) and
     [`WeakTrForSemanticSegmentation`] (step 2, online retraining). The defaults describe the authors' DeiT-S runs on
-    PASCAL VOC (see `shared/docs/METHOD.md`): encoder fields are named as in transformers' `ViTConfig`.
+    PASCAL VOC (hustvl/WeakTr `main.py` for step 1, `OnlineRetraining/segm/config.yml` for step 2): encoder fields
+    are named as in transformers' `ViTConfig`.
 
     Classes come from `id2label` / `num_labels`, as in transformers (2 generic labels when neither is given). For
     step 1 they are the foreground classes (one class token each); for step 2 they include background as label 0.

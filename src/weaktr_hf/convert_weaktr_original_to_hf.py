@@ -2,7 +2,8 @@
 
 Step 1 (`--stage cam`) checkpoints hold the CAM model (C class tokens, 3x3-conv head, Adaptive Attention Fusion);
 step 2 (`--stage seg`) checkpoints hold the Segmenter-style model (`encoder.*` ViT, `decoder.*` mask transformer).
-Both are plain `torch.save` dicts, usually under a `model` key (see "Checkpoint layouts" in docs/METHOD.md). Files
+Both are plain `torch.save` dicts, usually under a `model` key (the authors' `main.py:460` and
+`OnlineRetraining/segm/train.py:350` save them so). Files
 are read with `torch.load(weights_only=True)`: nothing in them is unpickled as code.
 
 The config is inferred from tensor shapes; every source key is either mapped or one of the few keys the authors'
@@ -70,7 +71,7 @@ PAPER = (
     "Zhu et al., WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation "
     "(arXiv 2304.01184)"
 )
-# Numbers the paper / the authors' README report for their released checkpoints (docs/METHOD.md).
+# Numbers the paper / the authors' README report for their released checkpoints (labelled as theirs).
 REPORTED_RESULTS = {
     ("cam", "voc12"): [
         "mIoU of the CAM pseudo-labels on PASCAL VOC 2012 train, DeiT-S: **69.4%** (multi-scale CAMs, background "

@@ -1,9 +1,10 @@
 """Dense CRF refinement (Krähenbühl & Koltun) of WeakTr's pseudo-labels and segmentation probabilities.
 
 WeakTr refines its step-1 pseudo-labels with a dense CRF whose unary comes from the hard label map (paper Sec. 3.3;
-METHOD.md "Pseudo-labels"), and can refine step-2 predictions with a CRF on the softmax probabilities (METHOD.md
-"Inference"). Both run `pydensecrf` (package `pydensecrf2`, part of the `train` extra) and follow the call order of
-the authors' code: unary, Gaussian kernel, bilateral kernel on the RGB image, mean-field inference.
+hustvl/WeakTr `tool/imutils.py`), and can refine step-2 predictions with a CRF on the softmax probabilities
+(`OnlineRetraining/segm/eval/densecrf.py`). Both run `pydensecrf` (package `pydensecrf2`, part of the `train` extra)
+and follow the call order of the authors' code: unary, Gaussian kernel, bilateral kernel on the RGB image, mean-field
+inference.
 """
 
 from types import MappingProxyType

@@ -9,8 +9,8 @@ Post-processing maps patch-resolution outputs back to the original images. Pass 
 sizes: the processor recomputes each image's resized size from it, crops the bottom/right padding that the logits
 cover (its own `do_pad` padding, or the model's padding to a multiple of the patch size), then resizes to the target.
 
-`normalize_cams` and `cams_to_label_map` are the CAM -> pseudo-label steps of WeakTr's CAM generation (docs/METHOD.md,
-"CAM generation" and "Pseudo-labels"), kept as pure functions so the multi-scale CAM generator shares them.
+`normalize_cams` and `cams_to_label_map` are the CAM -> pseudo-label steps of WeakTr's CAM generation (paper Sec. 3.1;
+hustvl/WeakTr `engine.py` and `evaluation.py`), kept as pure functions so the multi-scale CAM generator shares them.
 """
 
 import io

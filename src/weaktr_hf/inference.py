@@ -1,10 +1,10 @@
 """Full-resolution inference of both WeakTr models.
 
-- `segment`: step-2 prediction (METHOD.md, step 2 "Inference"): sliding windows, multi-scale and flip, softmax
-  probabilities averaged at the input size.
-- `generate_cams`: step-1 CAM generation (paper Sec. 3.1; METHOD.md "CAM generation"): fine CAMs summed over scales
-  and flips, absent classes zeroed, each present class min-max normalised.
-- `cams_to_labels`: the pseudo-label map of METHOD.md "Pseudo-labels" (background score = threshold, argmax).
+- `segment`: step-2 prediction (hustvl/WeakTr `OnlineRetraining/segm/model/utils.py` `inference`): sliding windows,
+  multi-scale and flip, softmax probabilities averaged at the input size.
+- `generate_cams`: step-1 CAM generation (paper Sec. 3.1; hustvl/WeakTr `engine.py` `generate_attention_maps_ms`):
+  fine CAMs summed over scales and flips, absent classes zeroed, each present class min-max normalised.
+- `cams_to_labels`: the pseudo-label map (background score = threshold, argmax; hustvl/WeakTr `evaluation.py`).
 
 The per-class normalisation and the thresholded argmax are written once, in `image_processing_weaktr`
 (`normalize_cams`, `cams_to_label_map`), and shared with `WeakTrImageProcessor.post_process_cams`.
@@ -240,7 +240,7 @@ def scaled_input_size(size, scale, patch_size):
 def generate_cams(model, pixel_values, labels, scales=(1.0, 1.2), flip=True, cam="fine_cam"):
     """
     Multi-scale, flipped CAMs of a [`WeakTrForCAM`] at the input size, min-max normalised per present class
-    (paper Sec. 3.1; METHOD.md "CAM generation").
+    (paper Sec. 3.1; hustvl/WeakTr `engine.py` `generate_attention_maps_ms`).
 
     For each scale the input is resized (bicubic, antialiased, like the authors' image resize) to
     `scaled_input_size(...)`, a whole number of patches; each pass is also run on the flipped input and its map
@@ -295,7 +295,7 @@ def generate_cams(model, pixel_values, labels, scales=(1.0, 1.2), flip=True, cam
 
 def cams_to_labels(cams, labels, threshold):
     """
-    Pseudo-label maps from normalised CAMs (METHOD.md "Pseudo-labels"): background scores `threshold`, each present
+    Pseudo-label maps from normalised CAMs (hustvl/WeakTr `evaluation.py`): background scores `threshold`, each present
     class its CAM, argmax per pixel; absent classes never win.
 
     Args:

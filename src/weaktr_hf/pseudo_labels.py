@@ -1,4 +1,5 @@
-"""The pseudo-label writer between WeakTr's two steps (METHOD.md "CAM generation" and "Pseudo-labels").
+"""The pseudo-label writer between WeakTr's two steps (paper Sec. 3.1; hustvl/WeakTr `engine.py`
+`generate_attention_maps_ms` for the CAMs, `evaluation.py` for the thresholded label maps).
 
 `write_pseudo_labels` turns a step-1 model's multi-scale CAMs into one palette PNG per image (thresholded, optionally
 refined by the dense CRF), resumable and sharded across processes; `pseudo_label_dataset` hands those PNGs to the
@@ -170,7 +171,7 @@ def write_pseudo_labels(
     uncrf_output_dir=None,
 ):
     """
-    Write `output_dir/<id>.png` for every sample of this process's shard: the pseudo-label map of METHOD.md
+    Write `output_dir/<id>.png` for every sample of this process's shard: the pseudo-label map of WeakTr
     (multi-scale + flip CAMs from `generate_cams`, background threshold, optional dense CRF) as a palette PNG with
     0 = background and k + 1 = foreground class k.
 
