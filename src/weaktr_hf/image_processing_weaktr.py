@@ -601,7 +601,8 @@ class WeakTrImageProcessor(TorchvisionBackend):
                 Also return the logits each map is the argmax of, as transformers' segmentation processors do.
 
         Logits that cannot come from the target size under these settings raise an error instead of being cropped
-        wrongly.
+        wrongly. With `do_pad` a map larger than the resized image is taken as batch padding, which cannot be told
+        from a smaller call-time `size`: pass that `size` here too.
 
         Returns:
             `list[torch.Tensor]`: one (H, W) int64 CPU tensor of label ids per image; with
