@@ -77,3 +77,11 @@ def test_image_segmentation_pipeline_does_not_call_the_model_unsupported(saved_s
         segmenter = pipeline("image-segmentation", model=str(folder))
     assert isinstance(segmenter.model, WeakTrForSemanticSegmentation)
     assert "is not supported" not in captured.out
+
+
+def test_pipeline_on_a_saved_folder_never_asks_to_run_remote_code(saved_segmenter, monkeypatch):
+    """With the package installed nothing prompts; a processor saved with an `auto_map` would make the pipeline ask
+    for a video processor's remote code."""
+    folder, _ = saved_segmenter
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail(f"the pipeline prompted: {args}"))
+    assert isinstance(pipeline("image-segmentation", model=str(folder)).image_processor, WeakTrImageProcessor)

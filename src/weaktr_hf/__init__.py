@@ -47,7 +47,6 @@ WeakTrConfig.register_for_auto_class()
 WeakTrModel.register_for_auto_class("AutoModel")
 WeakTrForCAM.register_for_auto_class("AutoModelForImageClassification")
 WeakTrForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-WeakTrImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "BackboneLoadingReport",
