@@ -3,14 +3,16 @@ WeakTr models, each with a tiny config.
 
 The suite comes from `transformers_test_suite` (downloaded once, cached outside the repository). When it cannot be
 had, this module is skipped and the reason is printed in pytest's summary. Tests overridden or skipped here are
-overridden or skipped the same way by transformers' own vision models; each says which.
+overridden or skipped the same way by transformers' own vision models; each says which. The suite's own skips match
+those of ViT, SegFormer, MobileViT or LeViT; the output-capturing tests skip because the models collect hidden states
+and attentions themselves (step 1 needs every layer's attention inside the forward) rather than through
+transformers' `capture_outputs` hooks, as MobileViT and LeViT do.
 """
 
 import unittest
 from unittest import mock
 
 import pytest
-import torch
 from conftest import CAM_CLASSES, WeakTrModelTester
 from torch import nn
 from transformers_test_suite import SuiteUnavailable, load
@@ -61,8 +63,8 @@ class WeakTrCommonModelTester(WeakTrModelTester):
 
 
 class WeakTrModelTestBase(ModelTesterMixin):
-    """What the three WeakTr test cases share: a tester for `model_class`, labels for our heads, and the overrides
-    transformers' vision models make."""
+    """What the three WeakTr test cases share: a tester for `model_class`, its entry in the Auto name tables, and the
+    overrides ViTModelTest makes."""
 
     model_class = None
     test_resize_embeddings = False  # as ViTModelTest: no token embeddings to resize
