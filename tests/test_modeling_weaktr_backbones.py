@@ -156,6 +156,17 @@ def test_key_bias_stays_zero_while_query_and_value_biases_act(tester):
     torch.testing.assert_close(output, expected)
 
 
+@pytest.mark.parametrize("variant", ["vit", "eva02"])
+def test_qkv_projection_is_called_as_a_module(tester, variant):
+    """Adapters (LoRA), quantised linears and hooks replace or wrap `attn.qkv`: the forward must call it."""
+    model = WeakTrModel(tester.get_config(**TINY_VARIANTS.get(variant, {}))).eval()
+    calls = []
+    model.blocks[1].attn.qkv.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    with torch.no_grad():
+        model(tester.prepare_pixel_values(1))
+    assert calls == [(1, 17, 96)]
+
+
 def test_rope_leaves_prefix_tokens_unrotated_and_moves_patches(tester):
     """Step 1 has C class tokens before the patches: only the patches are rotated."""
     model = WeakTrForCAM(tester.get_config(**TINY_VARIANTS["eva02"])).eval()

@@ -279,11 +279,10 @@ class WeakTrSelfAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, output_attentions=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
-        bias = self.qkv.bias
+        qkv = self.qkv(hidden_states)  # through the module, so hooks, adapters and quantised layers see the call
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         # (3, B, heads, T, head_dim)
-        qkv = F.linear(hidden_states, self.qkv.weight, bias)
         qkv = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
         if position_embeddings is not None:
