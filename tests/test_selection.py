@@ -57,3 +57,31 @@ def test_heldout_classification_loss_is_the_mean_soft_margin_loss_at_the_model_s
     with torch.no_grad():
         expected = F.multilabel_soft_margin_loss(model(pixel_values=pixel_values.pixel_values).logits, targets)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_evaluation_scores_the_images_that_have_masks_and_predicts_all(tester):
+    from weaktr_hf import WeakTrForSemanticSegmentation
+    from weaktr_hf.evaluation import evaluate_segmentation
+
+    model = WeakTrForSemanticSegmentation(tester.get_segmentation_config()).eval()
+    rng = np.random.default_rng(2)
+    rows = [{"id": f"img{i}", "image": PIL.Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)),
+             "labels": [0], "semantic_mask": None if i == 1 else PIL.Image.fromarray((rng.random((24, 24)) < 0.5)
+                                                                                   .astype(np.uint8))}
+            for i in range(3)]  # fmt: skip
+    partial = datasets.Dataset.from_list(rows)
+    masked = partial.select([0, 2])
+    predicted = []
+
+    scores = evaluate_segmentation(model, partial, window_size=16, window_stride=8, skip_unlabelled=True,
+                                   on_prediction=lambda i, example, _: predicted.append(example["id"]),
+                                   show_progress=False)  # fmt: skip
+
+    assert predicted == ["img0", "img1", "img2"] and scores["num_scored"] == 2
+    reference = evaluate_segmentation(model, masked, window_size=16, window_stride=8, show_progress=False)
+    assert scores["mean_iou"] == pytest.approx(reference["mean_iou"])
+    with pytest.raises(ValueError, match="sample 'img1' has no semantic_mask"):
+        evaluate_segmentation(model, partial, window_size=16, window_stride=8, show_progress=False)
+    none = evaluate_segmentation(model, partial.select([1]), window_size=16, window_stride=8, skip_unlabelled=True,
+                                 show_progress=False)  # fmt: skip
+    assert none["num_scored"] == 0 and np.isnan(none["mean_iou"])
