@@ -262,3 +262,11 @@ def test_named_vit_s_weights_resize_the_position_table_bicubically(monkeypatch, 
     model = WeakTrForSemanticSegmentation(cam_config(num_labels=2, image_size=(160, 192)))
     load_timm_backbone(model, name)
     torch.testing.assert_close(model.weaktr.pos_embed[:, 1:], timm_patch_table(timm_deit, (10, 12), "bicubic"))
+
+
+def test_named_weights_set_the_table_resize_of_step_2_only(monkeypatch, timm_deit):
+    """A name's resize mode describes the authors' step-2 loading; step 1 keeps its bicubic resize."""
+    monkeypatch.setattr(timm, "create_model", lambda model_name, pretrained: timm_deit)
+    model = WeakTrForCAM(cam_config(num_labels=2, image_size=(160, 192)))
+    load_timm_backbone(model, "vit_small_patch14_dinov2.lvd142m")  # bilinear for step 2
+    torch.testing.assert_close(model.weaktr.pos_embed[:, 2:], timm_patch_table(timm_deit, (10, 12), "bicubic"))

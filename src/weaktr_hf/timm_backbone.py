@@ -22,19 +22,18 @@ logger = logging.getLogger(__name__)
 # modelling parts of the official DINOv2 / EVA-02 files (mask token, EVA's `lm_head`).
 UNUSED_TIMM_PREFIXES = ("head.", "head_dist.", "dist_token", "fc_norm.", "pre_logits.", "mask_token", "lm_head.")
 
-# The pretrained weights the authors' step-2 encoders start from, by timm name (OR = OnlineRetraining/segm/):
-# backbone names and statistics in OR/config.yml, loading in OR/model/factory.py. The variant is read from the keys;
-# what cannot be is listed here: the image statistics of the recipe and how the position table was resized.
+# The pretrained weights the authors' step-2 encoders start from besides DeiT-S, by timm name (OR =
+# OnlineRetraining/segm/): backbone names and statistics in OR/config.yml, loading in OR/model/factory.py. The variant
+# is read from the keys; what cannot be is listed here: how step 2 resized the position table (DeiT-S: bilinear, the
+# step-2 default, OR/model/utils.py:22-40, 55). The recipes' image statistics are in examples/train.py's presets.
 PRETRAINED_BACKBONES = {
-    # deit_small_patch16_224: timm's ImageNet-1k DeiT-S; table 14x14 -> 30x30 bilinear (OR/model/utils.py:22-40, 55).
-    "deit_small_patch16_224.fb_in1k": dict(normalization="deit", position_interpolation="bilinear"),
     # vit_small_patch16_384: the augreg ImageNet-21k weights fine-tuned on ImageNet-1k, loaded from the .npz by timm
     # 0.5.4's _load_weights, whose resize_pos_embed is bicubic (24x24 -> 30x30); statistics "vit" (0.5).
-    "vit_small_patch16_384.augreg_in21k_ft_in1k": dict(normalization="vit", position_interpolation="bicubic"),
+    "vit_small_patch16_384.augreg_in21k_ft_in1k": dict(position_interpolation="bicubic"),
     # dinov2_small_patch16_224: DINOv2 ViT-S/14 LVD-142M; kernel 14 -> 16 bicubic, table 37x37 -> 30x30 bilinear.
-    "vit_small_patch14_dinov2.lvd142m": dict(normalization="deit", position_interpolation="bilinear"),
+    "vit_small_patch14_dinov2.lvd142m": dict(position_interpolation="bilinear"),
     # eva02_small_patch16_224: EVA-02-S MIM (ImageNet-21k); kernel 14 -> 16 bicubic, table 16x16 -> 30x30 bilinear.
-    "eva02_small_patch14_224.mim_in22k": dict(normalization="eva02", position_interpolation="bilinear"),
+    "eva02_small_patch14_224.mim_in22k": dict(position_interpolation="bilinear"),
 }
 
 # Official EVA-02 / xformers names of the packed SwiGLU -> the gated MLP's (timm's) names.
@@ -133,8 +132,8 @@ def load_timm_backbone(model, source, strict=True, position_interpolation=None):
 
     - the single [CLS] token and its position row are repeated for every prefix token (the C class tokens of step 1);
     - patch position rows are resized to the model's grid: `position_interpolation` `"bicubic"` or `"bilinear"`; by
-      default bicubic for step 1 and bilinear for step 2 (as each of the authors' steps does), or the mode of a
-      `PRETRAINED_BACKBONES` name;
+      default bicubic for step 1 and bilinear for step 2 (as each of the authors' steps does), or for step 2 the
+      mode of a `PRETRAINED_BACKBONES` name;
     - a patch kernel of another size (DINOv2 / EVA-02's 14 px) is resized bicubically (`resize_patch_kernel`);
     - EVA-02's `mlp.w12` / `mlp.w3` become `mlp.fc1` / `mlp.fc2`, timm EVA's `fc_norm` becomes the final `norm`;
       classifiers, mask tokens and rotary tables are dropped; every other key is copied.
@@ -148,7 +147,7 @@ def load_timm_backbone(model, source, strict=True, position_interpolation=None):
     are neither used nor a known classifier key raise a `ValueError` naming them.
     """
     encoder = _find_encoder(model)
-    if position_interpolation is None and isinstance(source, str):
+    if position_interpolation is None and isinstance(source, str) and encoder.norm is not None:  # step-2 encoder
         position_interpolation = PRETRAINED_BACKBONES.get(source, {}).get("position_interpolation")
     if position_interpolation not in (None, "bicubic", "bilinear"):
         raise ValueError(f"position_interpolation must be 'bicubic' or 'bilinear', got {position_interpolation!r}.")
