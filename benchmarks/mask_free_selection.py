@@ -111,20 +111,22 @@ def measure(config, seed, args, preset):
     # The rule again, as the library has it now (the run's cam_selection.json holds the same when the code has not
     # changed since), on the mask-free copy: it never sees a mask.
     hidden = load_wsss_dataset(folder / "mask_free", split="train")
-    choice = choose_cam_without_masks(model, hidden.select(range(preset["cam_eval_samples"])), thresholds=thresholds,
+    choice = choose_cam_without_masks(model, hidden.select(range(preset["cam_eval_samples"])),
                                       scales=preset["cam_scales"], flip=preset["cam_flip"])  # fmt: skip
     train = load_wsss_dataset(folder / "with_masks", split="train")
-    miou, selection_miou = score_grid(model, train, thresholds, preset["cam_scales"], preset["cam_flip"],
-                                      args.num_scored, preset["cam_eval_samples"])  # fmt: skip
-    mask_based = max(selection_miou, key=selection_miou.get)
-    oracle = max(miou, key=miou.get)
+    # The sweep, plus the mask-free threshold (Otsu's, anywhere in [0, 1]) so that choice is scored too.
+    miou, selection_miou = score_grid(model, train, (*thresholds, choice["threshold"]), preset["cam_scales"],
+                                      preset["cam_flip"], args.num_scored, preset["cam_eval_samples"])  # fmt: skip
+    # The recipe with masks, and the oracle, choose among the sweep's thresholds.
+    mask_based = max((key for key in selection_miou if key[1] in thresholds), key=selection_miou.get)
+    oracle = max((key for key in miou if key[1] in thresholds), key=miou.get)
     mask_free = (choice["cam"], choice["threshold"])
     return {
         "config": config, "seed": seed, "epoch": epoch, "num_scored": min(args.num_scored, len(train)),
         "mask_free_choice": list(mask_free), "mask_free_miou": miou[mask_free],
         "mask_based_choice": list(mask_based), "mask_based_miou": miou[mask_based],
         "oracle_choice": list(oracle), "oracle_miou": miou[oracle],
-        "per_choice_miou": {f"{cam}@{t}": value for (cam, t), value in miou.items()},
+        "per_choice_miou": {f"{cam}@{t:g}": value for (cam, t), value in miou.items()},
         "rule": choice["rule"], "per_cam": choice["per_cam"],
     }  # fmt: skip
 

@@ -875,8 +875,8 @@ def choose_pseudo_labels_without_masks(args, accelerator, subset, candidates, th
     """The mask-free rule of `weaktr_hf.selection` (Otsu threshold, CAM of the most agreeing passes) on the kept
     model's CAMs of the train subset, at the pseudo-labels' scales; written to cam_selection.json next to the epoch."""
     model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam")).to(accelerator.device)
-    choice = choose_cam_without_masks(model, subset, cams=candidates, thresholds=thresholds, scales=args.cam_scales,
-                                      flip=args.cam_flip, show_progress=accelerator.is_local_main_process)  # fmt: skip
+    choice = choose_cam_without_masks(model, subset, cams=candidates, scales=args.cam_scales, flip=args.cam_flip,
+                                      show_progress=accelerator.is_local_main_process)  # fmt: skip
     accelerator.print(f"Mask-free choice (Otsu threshold, pass agreement; {choice['num_images']} train images): "
                       f"{choice['cam']} at "
                       f"threshold {choice['threshold']:.2f}; " + ", ".join(

@@ -255,7 +255,7 @@ def test_whole_recipe_runs_without_masks_and_records_its_rules(mask_free_run):
     assert saved["pseudo_label_choice_rule"] == saved["cam_choice_rule"] == "otsu_threshold_pass_agreement"
     selection = json.loads((output_dir / "cam_selection.json").read_text())
     assert selection["cam"] == saved["pseudo_label_cam"] in ("coarse_cam", "fine_cam", "cross_attention")
-    assert selection["threshold"] == saved["pseudo_label_threshold"] in (0.3, 0.5)
+    assert selection["threshold"] == saved["pseudo_label_threshold"] and 0 < selection["threshold"] < 1
     assert selection["epoch"] == saved["cam_best_epoch"] in (0, 1)
     # Nothing was scored, and the eval stage says why.
     assert "pseudo_label_miou" not in saved and "fine_cam_miou" not in saved and saved["seg_val_miou"] is None
