@@ -69,9 +69,10 @@ def test_predict_with_a_cam_model_writes_masks_and_cams_from_a_glob(saved_models
     image_folder(tmp_path / "photos")
     out = tmp_path / "cams"
 
-    # A class threshold of 0 makes every class present, so each image gets one CAM picture per class.
+    # A class threshold of 0 makes every class present, so each image gets one CAM picture per class; the dense CRF
+    # of the pseudo-labels refines the masks.
     report = main(["--model", str(saved_models[1]), "--images", str(tmp_path / "photos" / "*.jpg"), "--output_dir",
-                   str(out), "--save_cams", "--class_threshold", "0", "--cam", "coarse_cam"])  # fmt: skip
+                   str(out), "--save_cams", "--class_threshold", "0", "--cam", "coarse_cam", "--crf", "voc12"])  # fmt: skip
 
     assert report["written"] == 2 and not report["unreadable"]
     with PIL.Image.open(out / "rotated.png") as mask:
