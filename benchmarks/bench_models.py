@@ -39,7 +39,7 @@ SECTIONS = ("step1", "step2", "backbones", "train", "cam", "compile")
 DEFAULT_SECTIONS = ("step1", "step2", "backbones", "train", "cam")
 TIMM_MODEL = "deit_small_patch16_224"
 # The authors' step-2 DINOv2-S / EVA-02-S encoders as timm builds them when configured like the authors (patch 16,
-# 480 crop, LayerNorm eps 1e-5, EVA's final norm on all tokens; shared/docs/BACKBONES.md section 3).
+# 480 crop, LayerNorm eps 1e-5, EVA's final norm on all tokens).
 TIMM_BACKBONES = {
     "dinov2": ("vit_small_patch14_dinov2", {}),
     "eva02": ("eva02_small_patch14_224", {"global_pool": "token", "use_fc_norm": False}),

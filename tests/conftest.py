@@ -97,7 +97,7 @@ def single_thread():
 
 def authors_rope_table(grid_side, head_dim=64, reference_grid=16):
     """The authors' EVA-02 rotary table (their rope.VisionRotaryEmbeddingFast with pt_seq_len = `reference_grid`,
-    ft_seq_len = `grid_side`), written out from shared/docs/BACKBONES.md section 1.4: `(cos, sin)`, each
+    ft_seq_len = `grid_side`), written out from their OnlineRetraining/segm/model/rope.py: `(cos, sin)`, each
     `(grid_side ** 2, head_dim)`. Square grids only, as theirs."""
     half = head_dim // 2
     theta = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))

@@ -610,7 +610,7 @@ def test_push_to_hub_uploads_the_output_folder(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DINOv2-S and EVA-02-S step-2 checkpoints (shared/docs/BACKBONES.md, section 2.2)
+# DINOv2-S and EVA-02-S step-2 checkpoints (the authors' Segmenter key layout)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Encoder variants of the authors' step-2 backbones (DINOv2-S: LayerScale; EVA-02-S: gated MLP, q/v biases, 2-D
-RoPE) against timm configured like the authors (shared/docs/BACKBONES.md, section 3): patch 16, LayerNorm eps 1e-5,
+RoPE) against timm configured like the authors (OnlineRetraining/segm/model/): patch 16, LayerNorm eps 1e-5,
 EVA's final norm on all tokens. timm models are built with `pretrained=False` and their weights perturbed, so every
 tensor matters; the keys are timm's, so the weights are copied one to one.
 """

@@ -164,7 +164,7 @@ def test_non_weaktr_model_is_rejected():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The authors' step-2 backbones: DINOv2-S and EVA-02-S pretrained on 14-px patches (shared/docs/BACKBONES.md, 2.3)
+# The authors' step-2 backbones: DINOv2-S and EVA-02-S pretrained on 14-px patches
 # ---------------------------------------------------------------------------------------------------------------------
 
 VARIANT_FIELDS = {

@@ -5,7 +5,7 @@ from transformers import PreTrainedConfig
 POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
 AAF_POOLINGS = ("max", "avg")
 LOSS_AVERAGES = ("all_pixels", "valid_pixels")
-# Block layouts of the authors' step-2 encoders (shared/docs/BACKBONES.md): the WeakTrConfig fields that differ.
+# Block layouts of the authors' step-2 encoders (their OnlineRetraining/segm/model/{vit,eva02}.py): the WeakTrConfig fields that differ.
 # "vit" is DeiT-S and the augreg ViT-S; "dinov2" adds LayerScale; "eva02" has a SiLU-gated MLP (EVA-02-S: width 1024,
 # set `intermediate_size` with it), query/value biases only and 2-D RoPE.
 ENCODER_VARIANTS = {
@@ -131,7 +131,7 @@ class WeakTrConfig(PreTrainedConfig):
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
-    # Encoder variants of the authors' step-2 backbones (shared/docs/BACKBONES.md): DINOv2-S sets layerscale_value=1.0;
+    # Encoder variants of the authors' step-2 backbones (OnlineRetraining/segm/model/): DINOv2-S sets layerscale_value=1.0;
     # EVA-02-S sets key_bias=False, use_gated_mlp=True (intermediate_size 1024, hidden_act "silu") and use_rope=True.
     key_bias: bool = True
     layerscale_value: float | None = None

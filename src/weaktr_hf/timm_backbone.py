@@ -4,7 +4,7 @@ Kept apart from the models (like timm's `checkpoint_filter_fn`) so the modeling 
 encoder uses timm's parameter names, so the mapping is mostly one to one; what differs is the number of prefix
 tokens (C class tokens in step 1), the patch grid, and for the authors' step-2 backbones the patch size: DINOv2 and
 EVA-02 were pretrained on 14-px patches, which the authors resize to 16 px (OnlineRetraining/segm/model/utils.py
-`checkpoint_filter_fn`, shared/docs/BACKBONES.md section 2.3).
+`checkpoint_filter_fn`).
 """
 
 import logging
