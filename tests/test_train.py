@@ -26,7 +26,7 @@ TINY = [
     "--decoder_intermediate_size", "64", "--decoder_num_attention_heads", "2", "--decoder_num_hidden_layers", "1",
     "--per_device_train_batch_size", "4", "--seg_per_device_train_batch_size", "4", "--num_train_epochs", "2",
     "--seg_num_train_epochs", "1", "--cam_eval_samples", "4", "--eval_scales", "1.0", "1.5", "--num_visualizations",
-    "2", "--clip_window_size", "16", "--cam_sweep_thresholds", "0.3", "0.5",
+    "2", "--clip_window_size", "16", "--cam_sweep_thresholds", "0.3", "0.5", "--backbone", "none",
 ]  # fmt: skip
 
 
@@ -148,6 +148,16 @@ def test_crop_smaller_than_the_clipping_window_is_a_clear_error(script, capsys):
         script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32"])
     assert "--seg_crop_size 24 is smaller than --clip_window_size 32" in capsys.readouterr().err
     script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32", "--no_gradient_clipping"])
+
+
+def test_demo_preset_starts_from_the_committed_backbone_and_paper_presets_keep_the_fine_cam(script):
+    demo = script.parse_args([])
+    assert demo.backbone == script.DEMO_BACKBONE and os.path.isfile(demo.backbone)
+    assert script.model_config(demo, {0: "a"}, 64).fine_cam_scale == 64.0  # the demo's option
+    assert script.parse_args(["--backbone", "none"]).backbone is None  # the demo from random weights
+    for preset in ("voc12-deit-s", "coco14-deit-s"):
+        args = script.parse_args(["--preset", preset, "--dataset_path", "data", "--backbone", "deit_small_patch16_224"])
+        assert script.model_config(args, {0: "a"}, 224).fine_cam_scale == 1.0  # the paper's model
 
 
 def test_bad_preset_use_is_a_clear_error(script, capsys):

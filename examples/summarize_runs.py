@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Mean and spread over seeds of `examples/train.py` runs, as the Markdown table the README quotes.
+
+    python examples/summarize_runs.py default=runs/demo-s42,runs/demo-s43,runs/demo-s44 \
+        eight-classes=runs/8c-s42,runs/8c-s43,runs/8c-s44
+
+Each argument is `LABEL=RUN_DIR[,RUN_DIR...]`, one column per label; a cell is `mean ± standard deviation (n)` of
+the runs' `all_results.json` values in mIoU %, with the minimum and maximum when there are several runs.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+ROWS = (
+    ("colour-threshold baseline (val)", "trivial_baseline_miou"),
+    ("coarse CAM (64 train images)", "coarse_cam_miou"),
+    ("fine CAM (the paper's)", "fine_cam_miou"),
+    ("cross-attention CAM", "cross_attention_miou"),
+    ("pseudo-labels, no CRF (train)", "pseudo_label_miou"),
+    ("pseudo-labels, CRF (train)", "pseudo_label_crf_miou"),
+    ("segmentation, single scale (val)", "seg_val_miou"),
+    ("segmentation, 3 scales + flip (val)", "seg_val_miou_ms_flip"),
+    ("segmentation minus baseline", None),
+    ("wall time of the run (s)", "seconds"),
+)
+
+
+def read_run(folder):
+    with open(os.path.join(folder, "all_results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    results["seconds"] = sum(value for key, value in results.items() if key.endswith("_stage_seconds"))
+    return results
+
+
+def cell(values, percent=True):
+    values = np.asarray([v for v in values if v is not None], dtype=float) * (100 if percent else 1)
+    if not len(values):
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1)"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f} ({len(values)}; {values.min():.1f}-{values.max():.1f})"
+
+
+def table(columns):
+    labels = list(columns)
+    lines = ["| mIoU % (background included) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, key in ROWS:
+        cells = []
+        for label in labels:
+            runs = columns[label]
+            if key is None:
+                values = [r.get("seg_val_miou_ms_flip", np.nan) - r.get("trivial_baseline_miou", np.nan) for r in runs]
+            else:
+                values = [r.get(key) for r in runs]
+            cells.append(cell(values, percent=key != "seconds"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("columns", nargs="+", help="LABEL=RUN_DIR[,RUN_DIR...]")
+    args = parser.parse_args(argv)
+    columns = {}
+    for item in args.columns:
+        label, _, folders = item.partition("=")
+        if not folders:
+            parser.error(f"expected LABEL=RUN_DIR[,RUN_DIR...], got {item!r}.")
+        columns[label] = [read_run(folder) for folder in folders.split(",")]
+    print(table(columns))
+
+
+if __name__ == "__main__":
+    main()
