@@ -13,7 +13,8 @@ For each of the first `--num_images` training images, at the training size, it m
 - the fused patch-to-patch attention that spreads the CAM: mean row entropy against a uniform row's (ln of the
   patch count), and the share of each row's attention on the patch itself, on patches of the same object, and on
   background patches;
-- for each present class, the correlation of each CAM with the class's ground-truth mask pooled to the patch grid.
+- for each present class, the correlation of each CAM with the class's ground-truth mask pooled to the patch grid,
+  and that of `cross_attention * relu(coarse_cam)`, what the patch attention then propagates into the fine CAM.
 Prints one JSON object (the means) and writes it to `--output` if given.
 """
 
@@ -56,7 +57,7 @@ def inspect(model, processor, rows):
         "class_score", "coarse_score", "fine_score", "fine_loss", "head_weight_mean", "head_weight_std",
         "head_weights_at_ceiling", "patch_attention_entropy", "uniform_entropy", "self_share", "same_object_share",
         "background_share", "background_patch_share", "coarse_cam_correlation", "cross_attention_correlation",
-        "fine_cam_correlation",
+        "fine_cam_correlation", "before_propagation_correlation",
     )}  # fmt: skip
     for row in rows:
         labels = row["labels"]
@@ -100,6 +101,10 @@ def inspect(model, processor, rows):
             cams = getattr(outputs, name)[0]
             values = [correlation(cams[k], pooled[k + 1]) for k in labels]
             measures[f"{name}_correlation"].append(float(np.mean(values)))
+        # What the patch attention propagates: the fine CAM with the identity in place of the patch attention.
+        before = outputs.cross_attention[0] * F.relu(outputs.coarse_cam[0])
+        values = [correlation(before[k], pooled[k + 1]) for k in labels]
+        measures["before_propagation_correlation"].append(float(np.mean(values)))
     summary = {key: round(float(np.mean(values)), 4) for key, values in measures.items() if values}
     summary["fine_over_coarse_score"] = round(summary["fine_score"] / summary["coarse_score"], 4)
     summary["num_images"] = len(measures["class_score"])

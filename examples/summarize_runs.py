@@ -52,7 +52,8 @@ def table(columns):
         for label in labels:
             runs = columns[label]
             if key is None:
-                values = [r.get("seg_val_miou_ms_flip", np.nan) - r.get("trivial_baseline_miou", np.nan) for r in runs]
+                values = [r["seg_val_miou_ms_flip"] - r["trivial_baseline_miou"] for r in runs
+                          if r.get("seg_val_miou_ms_flip") is not None and r.get("trivial_baseline_miou") is not None]
             else:
                 values = [r.get(key) for r in runs]
             cells.append(cell(values, percent=key != "seconds"))

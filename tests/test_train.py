@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 from transformers import pipeline
@@ -132,6 +133,16 @@ def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monk
                   "license:"):  # fmt: skip
         assert field in front_matter
     assert "| segmentation, single scale (val) |" in card and "--push_to_hub" in card
+
+
+def test_summary_figure_has_one_bar_per_measured_stage(script, tmp_path):
+    results = {"trivial_baseline_miou": 0.45, "coarse_cam_miou": 0.5, "fine_cam_miou": 0.2, "pseudo_label_miou": 0.55,
+               "pseudo_label_crf_miou": 0.6, "pseudo_label_miou_train": None, "seg_val_miou_ms_flip": 0.5}  # fmt: skip
+    script.save_summary_figure(results, tmp_path / "summary.png")
+    row = np.asarray(PIL.Image.open(tmp_path / "summary.png").convert("RGB"))[-70]  # just above the axis
+    is_bar = (row == (70, 130, 180)).all(-1) | (row == (214, 96, 77)).all(-1)
+    starts = np.flatnonzero(is_bar[1:] & ~is_bar[:-1])
+    assert len(starts) == 5  # every stage with a value (the same label twice included), none for the missing one
 
 
 def test_synthetic_config_selects_the_variant_of_the_synthetic_set(script):

@@ -215,7 +215,7 @@ def bar_chart(values, reference=None, reference_label="baseline", title=None, si
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     text_font, small_font = font(15), font(12)
-    top = 34 if title or reference is not None else 12
+    top = 52 if title and reference is not None else 34 if title or reference is not None else 12
     bottom, left, right = 64, 44, 12
     top_value = max([*values.values(), reference or 0.0]) * 1.15 or 1.0
     plot_height = height - top - bottom
@@ -244,12 +244,13 @@ def bar_chart(values, reference=None, reference_label="baseline", title=None, si
             draw.text(((x0 + x1) / 2, height - bottom + 4 + 14 * line_index), part, fill=(0, 0, 0), font=small_font,
                       anchor="ma")  # fmt: skip
     if reference is not None:
-        key = (16, width - right - 230, width - right - 190)  # the dashed sample beside the label, top right
+        label_y = 28 if title else 8  # under the title
+        key = (label_y + 8, width - right - 230, width - right - 190)  # the dashed sample beside the label, top right
         for y, x_start, x_end in ((y_of(reference), left, width - right), key):
             for x in range(x_start, x_end, 12):
                 draw.line((x, y, min(x + 6, x_end), y), fill=(0, 0, 0), width=2)
-        draw.text((width - right - 184, 8), f"{reference_label} ({value_format.format(reference)})", fill=(0, 0, 0),
-                  font=small_font)  # fmt: skip
+        label = f"{reference_label} ({value_format.format(reference)})"
+        draw.text((width - right - 184, label_y), label, fill=(0, 0, 0), font=small_font)
     return canvas
 
 
