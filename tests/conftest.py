@@ -1,10 +1,24 @@
 """Shared test helpers: tiny WeakTr configs and inputs, so each model test runs in a fraction of a second."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from weaktr_hf import WeakTrConfig
 from weaktr_hf.labels import foreground_id2label, segmentation_id2label
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(file_name, module_name):
+    """Imports a script of examples/ as a module, so tests call its functions (main, argument parsing) directly."""
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES_DIR / file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 CAM_CLASSES = ("cat", "dog", "bird")
 NUM_CAM_LABELS = len(CAM_CLASSES)

@@ -1,7 +1,6 @@
 """examples/pretrain_backbone.py on a tiny config: deterministic for a seed, resumable, and its output loads as the
 demo's `--backbone` (timm layout, safetensors). The committed demo backbone itself is checked for size and fit."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from weaktr_hf import WeakTrConfig, WeakTrForCAM, load_timm_backbone
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num_classes", "4", "--image_size", "32", "--hidden_size", "32", "--intermediate_size", "64",
@@ -20,10 +20,7 @@ TINY = ["--num_classes", "4", "--image_size", "32", "--hidden_size", "32", "--in
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("pretrain_backbone", ROOT / "examples" / "pretrain_backbone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("pretrain_backbone.py", "pretrain_backbone")
 
 
 def test_same_seed_same_weights_other_seed_other_weights(script, tmp_path):

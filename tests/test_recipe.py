@@ -1,9 +1,7 @@
 """The paper presets resolve to the authors' recipe (hustvl/WeakTr at 3457ad3), and the pieces behind them: lr
 schedules, evaluation geometry, the evaluation CRF, the decoder ensemble, step-1 selection, labels files."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -19,8 +17,8 @@ from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.data import load_wsss_dataset
 from weaktr_hf.evaluation import evaluate_cams, evaluate_segmentation
 from weaktr_hf.inference import segment, segment_pass_size
+from conftest import load_example
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The authors' values, read from their code (file:line in examples/train.py next to each preset value).
 AUTHORS = {
@@ -56,10 +54,7 @@ AUTHORS["coco14-deit-s"] = {
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("weaktr_train_recipe", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train.py", "weaktr_train_recipe")
 
 
 def print_config(script, capsys, *argv):

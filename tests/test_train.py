@@ -1,6 +1,5 @@
 """examples/train.py end to end on a tiny synthetic run: every stage, reload, resume, Hub upload, two processes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.data import BadSampleError, get_class_names, get_metadata
 from weaktr_hf.visualization import load_label_png
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -32,10 +32,7 @@ TINY = [
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("weaktr_train_example", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train.py", "weaktr_train_example")
 
 
 @pytest.fixture(scope="module")
