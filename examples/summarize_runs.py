@@ -22,7 +22,7 @@ ROWS = (
     ("pseudo-labels, no CRF (train)", "pseudo_label_miou"),
     ("pseudo-labels, CRF (train)", "pseudo_label_crf_miou"),
     ("segmentation, single scale (val)", "seg_val_miou"),
-    ("segmentation, 3 scales + flip (val)", "seg_val_miou_ms_flip"),
+    ("segmentation, multi-scale + flip (val)", "seg_val_miou_ms_flip"),
     ("segmentation minus baseline", None),
     ("wall time of the run (s)", "seconds"),
 )

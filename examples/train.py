@@ -112,7 +112,10 @@ PRESETS = {
         decoder_intermediate_size=512, decoder_hidden_dropout_prob=0.0,
         # 32-px windows: 4 per 64-px crop, as 120-px windows are 4 per side of the paper's 480 crops.
         clip_start_value=1.2, clip_window_size=32,
-        window_size=64, window_stride=48, eval_scales=(0.75, 1.0, 1.25), eval_samples=None,
+        # Evaluation geometry scaled from the authors' (base 520, passes below 480 upsampled, ratios 0.5-1.75): base
+        # 64 (the native size, the step-2 base), passes below round(64 x 480 / 520) = 59 upsampled, the same ratios.
+        window_size=64, window_stride=48, eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), eval_min_size=59,
+        eval_samples=None,
         # One intra-op thread per process: this model's ops are too small to split, and two threads sharing 2 cores
         # with any other process were measured 17x slower per step (3.5 s vs 0.21 s).
         num_threads=1,

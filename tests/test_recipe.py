@@ -187,6 +187,19 @@ def test_eval_geometry_matches_the_authors_short_sides(monkeypatch):
     assert probabilities.shape == (1, 3, 375, 500)
 
 
+def test_demo_eval_geometry_is_the_authors_scaled_to_its_base(script):
+    """The demo evaluates as the authors do with 520 -> 64: the same ratios, passes below 59 (= 480 x 64 / 520)
+    upsampled, so a 64-px image gives short sides 59, 59, 64, 80, 96, 112 (the authors' 480 ... 910 x 64 / 520)."""
+    args = script.parse_args([])
+    assert args.eval_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and args.eval_base_size is None
+    assert args.eval_min_size == round(480 * args.seg_base_size / 520)
+    sides = [min(second or first) for first, second in (
+        segment_pass_size((64, 64), scale, args.eval_base_size, args.eval_min_size) for scale in args.eval_scales)]
+    authors = [min(second or first) for first, second in (
+        segment_pass_size((375, 500), scale, 520, 480) for scale in args.eval_scales)]
+    assert sides == [59, 59, 64, 80, 96, 112] == [round(side * 64 / 520) for side in authors]
+
+
 def tiny_segmenter(tester, layers=2):
     config = tester.get_segmentation_config(decoder_num_hidden_layers=layers)
     return WeakTrForSemanticSegmentation(config).eval()
