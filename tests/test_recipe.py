@@ -200,6 +200,14 @@ def test_demo_eval_geometry_is_the_authors_scaled_to_its_base(script):
     assert sides == [59, 59, 64, 80, 96, 112] == [round(side * 64 / 520) for side in authors]
 
 
+def test_demo_clipping_starts_at_the_papers_fraction_of_the_chance_loss(script):
+    """The paper clips from a mean loss of 1.2 with 21 classes (ln 21 at chance); the demo, 4 classes + background,
+    from the same fraction of ln 5, and the VOC preset keeps the paper's 1.2."""
+    demo, voc = script.parse_args([]), script.parse_args(["--preset", "voc12-deit-s", "--print_config"])
+    assert voc.clip_start_value == 1.2 and demo.synthetic_num_classes == 4
+    assert demo.clip_start_value == pytest.approx(1.2 * np.log(demo.synthetic_num_classes + 1) / np.log(21), abs=5e-3)
+
+
 def tiny_segmenter(tester, layers=2):
     config = tester.get_segmentation_config(decoder_num_hidden_layers=layers)
     return WeakTrForSemanticSegmentation(config).eval()
