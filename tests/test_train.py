@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from transformers import pipeline
 
 import weaktr_hf.hub
@@ -104,6 +106,20 @@ def test_pseudo_stage_skips_finished_images_and_rewrites_nothing(script, finishe
     assert removed.read_bytes() == removed_bytes
     for path in pngs[1:]:
         assert (path.stat().st_mtime_ns, path.read_bytes()) == before[path.name]
+
+
+def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_run, tmp_path):
+    """Each stage starts from the seed: step 2 rerun on its own (from the run's step-1 model and pseudo-labels) gives
+    the whole run's segmenter bit for bit, decoder initialisation included."""
+    output_dir, _ = finished_run
+    rerun = tmp_path / "rerun"
+    for name in ("cam", "pseudo_labels", "pseudo_labels_nocrf"):
+        shutil.copytree(output_dir / name, rerun / name)
+    script.main(["--output_dir", str(rerun), "--stage", "seg", *TINY])
+    whole = WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg").state_dict()
+    alone = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg").state_dict()
+    assert whole.keys() == alone.keys()
+    assert all(torch.equal(whole[key], alone[key]) for key in whole)
 
 
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):
