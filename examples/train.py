@@ -112,7 +112,7 @@ PRESETS = {
         decoder_intermediate_size=512, decoder_hidden_dropout_prob=0.0,
         # 32-px windows: 4 per 64-px crop, as 120-px windows are 4 per side of the paper's 480 crops. Clipping starts
         # at the same fraction of the chance-level loss as the paper's 1.2 with 21 classes: 1.2 x ln 5 / ln 21 = 0.63.
-        # At 1.2 (78% of ln 5) it starts within the first steps, and the classes not yet learned (their pixels above
+        # At 1.2 (75% of ln 5) it starts within the first steps, and the classes not yet learned (their pixels above
         # the cap, so without gradient) stay at IoU 0 (README, "The offline demo, measured").
         clip_start_value=0.63, clip_window_size=32,
         # Evaluation geometry scaled from the authors' (base 520, passes below 480 upsampled, ratios 0.5-1.75): base
@@ -1089,7 +1089,7 @@ def eval_stage(args, accelerator, dataset, class_names, results):
 def save_summary_figure(results, path):
     """mIoU of every stage of the run as bars, against the colour-threshold baseline (dashed) when it was scored."""
     values = {label.split(" (")[0]: 100 * results[key] for label, key in TABLE_ROWS[1:] if results.get(key) is not None}
-    if all(value is None for value in values.values()):
+    if not values:
         return  # nothing scored (no masks): no bars to draw
     baseline = results.get("trivial_baseline_miou")
     bar_chart(values, reference=None if baseline is None else 100 * baseline, reference_label="colour baseline",
