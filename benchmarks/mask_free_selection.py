@@ -43,13 +43,10 @@ CAM_NAMES = ("coarse_cam", "fine_cam", "cross_attention")
 
 
 def load_demo_preset():
-    """The demo preset of examples/train.py (sizes, sweep, scales), read from the script itself."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
-    return train.PRESETS["demo"]
+    """The demo preset (sizes, sweep, scales) of weaktr_hf.recipes."""
+    from weaktr_hf.recipes import PRESETS
+
+    return PRESETS["demo"]
 
 
 def build_mask_free_copy(config, seed, preset, folder):

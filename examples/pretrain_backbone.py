@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Pre-train the demo's ViT without natural images or downloads: formula-driven supervised pre-training on fractals.
 
-    python examples/pretrain_backbone.py --output_dir examples/demo_backbone      # the committed demo backbone
-    accelerate launch examples/train.py --backbone examples/demo_backbone/model.safetensors
+    python examples/pretrain_backbone.py --output_dir src/weaktr_hf/demo_backbone      # the committed demo backbone
+    accelerate launch examples/train.py --backbone src/weaktr_hf/demo_backbone/model.safetensors
 
 The data follow FractalDB (Kataoka et al., ACCV 2020): each class is a random iterated function system (IFS) of 2-4
 contractive affine maps, and an image of the class is a rendering of its attractor. Two things differ from FractalDB,

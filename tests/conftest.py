@@ -20,6 +20,16 @@ def load_example(file_name, module_name):
     return module
 
 
+def recipe_api():
+    """The recipe's names (weaktr_hf.train: parse_args, main; weaktr_hf.recipes: presets, batch sizes;
+    weaktr_hf.stages: data, subsets, figures) as one namespace, the way the recipe tests call them."""
+    import types
+
+    from weaktr_hf import recipes, stages, train
+
+    return types.SimpleNamespace(**{**vars(stages), **vars(recipes), **vars(train)})
+
+
 CAM_CLASSES = ("cat", "dog", "bird")
 NUM_CAM_LABELS = len(CAM_CLASSES)
 

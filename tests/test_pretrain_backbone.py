@@ -91,9 +91,9 @@ def test_batches_have_consistent_image_and_patch_targets(script):
 
 
 def test_committed_demo_backbone_is_small_and_fits_the_demo_preset():
-    path = ROOT / "examples" / "demo_backbone" / "model.safetensors"
+    path = ROOT / "src" / "weaktr_hf" / "demo_backbone" / "model.safetensors"
     if not path.exists():
-        pytest.fail(f"{path} is missing: run examples/pretrain_backbone.py --output_dir examples/demo_backbone")
+        pytest.fail(f"{path} is missing: run examples/pretrain_backbone.py --output_dir src/weaktr_hf/demo_backbone")
     assert path.stat().st_size < 10 * 2**20
     config = WeakTrConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                           num_attention_heads=4, aaf_reduction=2, aaf_feat_reduction=2, num_labels=4)  # fmt: skip

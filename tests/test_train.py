@@ -17,7 +17,7 @@ import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.data import BadSampleError, get_class_names, get_metadata
 from weaktr_hf.visualization import load_label_png
-from conftest import load_example
+from conftest import recipe_api
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -34,7 +34,7 @@ TINY = [
 
 
 def load_script():
-    return load_example("train.py", "weaktr_train_example")
+    return recipe_api()
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,18 @@ def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_
 
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):
     output_dir, _ = finished_run
-    uploads = []
+    uploads, created = [], []
 
     class RecordingHfApi:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            return {"name": "someone"}
+
         def create_repo(self, repo_id, exist_ok=False, **kwargs):
             assert exist_ok
+            created.append(repo_id)
             return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
@@ -137,15 +144,33 @@ def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monk
     monkeypatch.setattr(weaktr_hf.hub, "HfApi", RecordingHfApi)
     script.main(["--output_dir", str(output_dir), "--stage", "eval", "--push_to_hub", "--hub_model_id",
                  "someone/weaktr-demo", *TINY])  # fmt: skip
-    (repo_id, files), = uploads
-    assert repo_id == "someone/weaktr-demo"
+    # Both repositories exist before anything runs; the segmenter and the CAM model each go to their own.
+    assert created[:2] == ["someone/weaktr-demo", "someone/weaktr-demo-cam"]
+    (repo_id, files), (cam_repo_id, cam_files) = uploads
+    assert (repo_id, cam_repo_id) == ("someone/weaktr-demo", "someone/weaktr-demo-cam")
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    assert {"config.json", "model.safetensors", "README.md"} <= set(cam_files)
+    assert "pipeline_tag: image-classification" in cam_files["README.md"].read_text()
     card = files["README.md"].read_text()
     front_matter = card.split("---")[1]
     for field in ("library_name: transformers", "pipeline_tag: image-segmentation", "datasets:", "metrics:",
                   "license:"):  # fmt: skip
         assert field in front_matter
     assert "| segmentation, single scale (val) |" in card and "--push_to_hub" in card
+
+
+def test_push_to_hub_without_a_login_stops_before_training(tmp_path):
+    """Offline or without a token, `--push_to_hub` stops at once with one line on stderr; nothing is trained."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("HF_TOKEN", None)
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--output_dir", str(tmp_path / "run"),
+               "--push_to_hub", "--hub_model_id", "someone/x", *TINY]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: --push_to_hub: cannot reach the Hub"), lines
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "cam").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_summary_figure_has_one_bar_per_measured_stage(script, tmp_path):
@@ -168,9 +193,8 @@ def test_synthetic_config_selects_the_variant_of_the_synthetic_set(script):
 
 
 def test_crop_smaller_than_the_clipping_window_is_a_clear_error(script, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(script.RecipeError, match="--seg_crop_size 24 is smaller than --clip_window_size 32"):
         script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32"])
-    assert "--seg_crop_size 24 is smaller than --clip_window_size 32" in capsys.readouterr().err
     script.parse_args(["--seg_crop_size", "24", "--clip_window_size", "32", "--no_gradient_clipping"])
 
 
@@ -185,9 +209,10 @@ def test_demo_preset_starts_from_the_committed_backbone_and_paper_presets_keep_t
 
 
 def test_bad_preset_use_is_a_clear_error(script, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(script.RecipeError, match="needs --dataset_path"):
         script.parse_args(["--preset", "voc12-deit-s"])
-    assert "needs --dataset_path" in capsys.readouterr().err
+    with pytest.raises(script.RecipeError, match="needs --dataset_path"):  # --print_config checks as a run does
+        script.parse_args(["--preset", "voc12-deit-s", "--print_config"])
 
 
 def logged_scalars(output_dir, tag):
@@ -351,7 +376,7 @@ def test_backbone_presets_are_the_deit_recipe_with_their_step2_encoder(script, d
     common = ["--dataset_path", "data", "--backbone", "deit_small_patch16_224"]
     deit = vars(script.parse_args(["--preset", f"{dataset}-deit-s", *common]))
     resolved = vars(script.parse_args(["--preset", f"{dataset}-{backbone}", *common]))
-    changed = {key for key in resolved if resolved[key] != deit[key] and key != "preset"}
+    changed = {key for key in resolved if resolved[key] != deit[key] and key not in ("preset", "command")}
     assert changed <= set(STEP2_CHANGES[backbone])  # nothing else of the recipe differs
     for key, value in STEP2_CHANGES[backbone].items():
         assert list(resolved[key]) == value if isinstance(value, list) else resolved[key] == value, key
@@ -390,6 +415,5 @@ def test_step2_trains_on_a_local_eva02_backbone_file(script, finished_run, tmp_p
 
 
 def test_step2_encoder_other_than_vit_cannot_start_from_the_cam_encoder(script, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(script.RecipeError, match="--seg_init cam starts step 2 from the step-1 encoder"):
         script.parse_args(["--seg_encoder", "dinov2", "--seg_init", "cam"])
-    assert "--seg_init cam starts step 2 from the step-1 encoder" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 WeakTr refines its step-1 pseudo-labels with a dense CRF whose unary comes from the hard label map (paper Sec. 3.3;
 hustvl/WeakTr `tool/imutils.py`), and can refine step-2 predictions with a CRF on the softmax probabilities
-(`OnlineRetraining/segm/eval/densecrf.py`). Both run `pydensecrf` (package `pydensecrf2`, part of the `train` extra)
+(`OnlineRetraining/segm/eval/densecrf.py`). Both run `pydensecrf` (package `pydensecrf2`, the `crf` extra)
 and follow the call order of the authors' code: unary, Gaussian kernel, bilateral kernel on the RGB image, mean-field
 inference.
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 from .labels import IGNORE_INDEX
 
-_INSTALL_HINT = 'pip install pydensecrf2 (or pip install "weaktr-hf[train]")'
+INSTALL_HINT = 'pip install "weaktr-hf[crf]" (pydensecrf2 builds from source: it needs a C++ compiler)'
 
 # The authors' pseudo-label CRF (their `crf_inference_label` / `crf_inference_label_coco`). Read-only; pass them as
 # `crf_refine_labels(image, labels, num_labels, **VOC_PSEUDO_LABEL_CRF)` and override single values by keyword.
@@ -64,6 +64,13 @@ COCO_SEGMENTATION_CRF = MappingProxyType(
 )
 
 
+def crf_available():
+    """Whether the dense CRF can run here (pydensecrf2 is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pydensecrf") is not None
+
+
 def _import_densecrf():
     """`pydensecrf.densecrf` and `pydensecrf.utils`, or an ImportError that says how to install them."""
     try:
@@ -71,7 +78,7 @@ def _import_densecrf():
         from pydensecrf import densecrf
     except ImportError as error:
         raise ImportError(
-            f"The dense CRF needs the pydensecrf package, which is not installed. Install it with: {_INSTALL_HINT}. "
+            f"The dense CRF needs the pydensecrf package, which is not installed. Install it with: {INSTALL_HINT}. "
             "To go without it, skip the CRF (the training script's --no_crf)."
         ) from error
     return densecrf, densecrf_utils

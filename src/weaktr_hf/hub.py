@@ -47,4 +47,27 @@ def push_folder_to_hub(folder, repo_id, token=None, private=None, commit_message
     )  # fmt: skip
 
 
-__all__ = ["model_card_template", "push_folder_to_hub", "render_model_card"]
+def prepare_repositories(repo_ids, token=None, private=None):
+    """Check the token and create (or find) each repository, before a run trains anything: a missing login, no
+    network or a bad repository id stops the run at once with one line naming the cause."""
+    api = HfApi(token=token) if token else HfApi()
+    try:
+        user = api.whoami()
+    except Exception as error:  # offline, no token, an expired token: all say why in their message
+        raise ValueError(
+            f"--push_to_hub: cannot reach the Hub as a logged-in user ({type(error).__name__}: {error}). Run "
+            "`hf auth login` (or pass --hub_token) where the Hub is reachable, or drop --push_to_hub."
+        ) from error
+    urls = []
+    for repo_id in repo_ids:
+        try:
+            urls.append(api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model"))
+        except Exception as error:
+            raise ValueError(
+                f"--push_to_hub: cannot create or find the repository {repo_id!r} as {user.get('name')!r} "
+                f"({type(error).__name__}: {error}). Check --hub_model_id."
+            ) from error
+    return list(repo_ids)
+
+
+__all__ = ["model_card_template", "prepare_repositories", "push_folder_to_hub", "render_model_card"]

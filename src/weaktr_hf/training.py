@@ -255,16 +255,19 @@ def save_checkpoint(accelerator, checkpoint_dir, step, total_limit=None):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         if total_limit:
-            _prune_checkpoints(checkpoint_dir, total_limit)
+            _prune_checkpoints(checkpoint_dir, total_limit, keep=step)
     accelerator.wait_for_everyone()
     return final
 
 
-def _prune_checkpoints(checkpoint_dir, total_limit):
+def _prune_checkpoints(checkpoint_dir, total_limit, keep):
+    """Keep the checkpoint just written (`keep`) and the newest others up to `total_limit` in all: a checkpoint of a
+    higher step left by an earlier attempt never pushes out the current one."""
     steps = sorted(
         int(match.group(1)) for name in os.listdir(checkpoint_dir) if (match := CHECKPOINT_PATTERN.match(name))
     )
-    for step in steps[:-total_limit]:
+    others = [step for step in steps if step != keep]
+    for step in others[: max(len(others) - (total_limit - 1), 0)]:
         shutil.rmtree(os.path.join(checkpoint_dir, f"step_{step}"), ignore_errors=True)
 
 
