@@ -11,6 +11,7 @@ and the run's results dict, which it updates. `weaktr_hf.train` (the `weaktr-tra
 `examples/train.py` run them in order.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from .inference import generate_cams
 from .labels import foreground_id2label, segmentation_id2label
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
 from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, write_pseudo_labels
-from .recipes import CAM_NAMES, STAGES, cam_scheduler
+from .recipes import CAM_NAMES, DATASET_TUNED, STAGES, cam_scheduler, epochs_for
 from .selection import CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss
 from .timm_backbone import load_timm_backbone
 from .training import (
@@ -167,6 +168,14 @@ def with_validation_split(dataset, args):
     return datasets.DatasetDict({**dataset, args.train_split: parts["train"], args.val_split: parts["test"]})
 
 
+def rows_with_masks(dataset):
+    """Indices of the samples that have a ground-truth mask."""
+    if "semantic_mask" not in dataset.column_names:
+        return []
+    masks = dataset.select_columns(["semantic_mask"]).cast_column("semantic_mask", datasets.Image(decode=False))
+    return [index for index, mask in enumerate(masks["semantic_mask"]) if mask is not None]
+
+
 def has_masks(dataset):
     """Whether every sample of a split has a ground-truth mask (a mask-free recipe runs otherwise)."""
     if "semantic_mask" not in dataset.column_names or not len(dataset):
@@ -285,6 +294,9 @@ def cam_selection_subset(args, dataset):
         if args.cam_eval_samples is not None:
             ids = ids[: args.cam_eval_samples]
         return select_ids(images, ids, "--cam_eval_order annotation_file")
+    if args.cam_eval_subset == "with_masks":  # own data: whichever images have a mask (all, some or none)
+        masked = rows_with_masks(images)
+        images = images.select(masked) if masked else images
     count = len(images) if args.cam_eval_samples is None else min(args.cam_eval_samples, len(images))
     return images.select(range(count))
 
@@ -324,11 +336,12 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     optimizer = build_cam_optimizer(model, args.learning_rate, args.weight_decay,
                                     decay_all_parameters=args.decay_all_parameters)  # fmt: skip
     model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    max_steps, steps_per_epoch = training_steps(
-        loader, args.num_train_epochs, args.max_train_steps, args.gradient_accumulation_steps
-    )
+    epochs = epochs_for(math.ceil(len(loader) / args.gradient_accumulation_steps), args.num_train_epochs,
+                        args.target_train_updates, args.max_train_epochs)  # fmt: skip
+    max_steps, steps_per_epoch = training_steps(loader, epochs, args.max_train_steps, args.gradient_accumulation_steps)
     # Not prepared: one step per update of the global batch on any number of processes.
-    scheduler = cam_scheduler(args, optimizer, max_steps, steps_per_epoch)
+    scheduler = cam_scheduler(argparse.Namespace(**{**vars(args), "num_train_epochs": epochs}), optimizer, max_steps,
+                              steps_per_epoch)  # fmt: skip
     optimizer = prepared_optimizer
 
     thresholds = selection_thresholds(args)
@@ -364,9 +377,13 @@ def cam_stage(args, accelerator, dataset, class_names, results):
             save_pretrained_atomic(unwrapped, os.path.join(args.output_dir, "cam"), processor,
                                    accelerator.is_main_process)  # fmt: skip
             if accelerator.is_main_process:
+                # Every scored CAM's own best threshold: a threshold is only ever used for the CAM it was swept for.
+                per_cam = {name: {"threshold": value["threshold"], "miou": value["mean_iou"]}
+                           for name, value in all_scores.items()}  # fmt: skip
                 write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),
                                   {"epoch": epoch, "threshold": scores["threshold"], "cam": cam,
-                                   "miou": scores["mean_iou"], "per_threshold": scores["per_threshold"]})  # fmt: skip
+                                   "miou": scores["mean_iou"], "per_threshold": scores["per_threshold"],
+                                   "per_cam": per_cam, "rule": "train_subset_cam_miou"})  # fmt: skip
         model.train()
 
     start = time.time()
@@ -379,12 +396,14 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     )  # fmt: skip
     release_training_state(accelerator)
     results.update(cam_train_seconds=round(time.time() - start, 1), cam_train_steps=max_steps,
-                   cam_best_epoch=state.best_epoch)  # fmt: skip
+                   cam_train_epochs=epochs, cam_best_epoch=state.best_epoch)  # fmt: skip
     if use_masks:
         results.update(cam_selection_rule="train_subset_cam_miou", cam_selection_miou=state.best_metric)
         return
     results.update(cam_selection_rule=CLASSIFICATION_RULE, cam_selection_heldout_loss=-state.best_metric,
                    cam_selection_heldout_split=args.val_split, cam_selection_heldout_samples=len(heldout))  # fmt: skip
+    if args.cam_threshold != "sweep" and args.pseudo_label_cam != "auto":
+        return  # the pseudo-labels use the given CAM and threshold: no choice to make, none recorded
     choose_pseudo_labels_without_masks(args, accelerator, selection_subset, candidates, thresholds, state, results)
 
 
@@ -445,10 +464,16 @@ def pseudo_label_choice(args):
     if "cam" not in selection:
         raise ValueError(f"{path} holds no CAM choice (the cam stage stopped early?); rerun --stage cam.")
     cam = selection["cam"] if args.pseudo_label_cam == "auto" else args.pseudo_label_cam
-    # The mask-free rule records a threshold per CAM; the mask-based one the chosen CAM's.
-    per_cam = selection.get("per_cam", {})
-    threshold = per_cam.get(cam, selection)["threshold"] if args.cam_threshold == "sweep" else args.cam_threshold
-    return cam, threshold
+    if args.cam_threshold != "sweep":
+        return cam, args.cam_threshold
+    # Both rules record each scored CAM's own threshold; a threshold swept for another CAM is never used.
+    per_cam = selection.get("per_cam") or {selection["cam"]: selection}
+    if cam not in per_cam:
+        raise ValueError(
+            f"{path} holds thresholds swept for {sorted(per_cam)}, not for {cam}: rerun --stage cam with "
+            f"--pseudo_label_cam {cam} (or auto), or give --cam_threshold."
+        )
+    return cam, per_cam[cam]["threshold"]
 
 
 def pseudo_label_choice_rule(args):
@@ -534,9 +559,9 @@ def seg_stage(args, accelerator, dataset, class_names, results):
     optimizer = build_seg_optimizer(model, args.seg_learning_rate, args.seg_encoder_lr_scale,
                                     momentum=args.seg_momentum, nesterov=args.seg_nesterov)  # fmt: skip
     model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    max_steps, _ = training_steps(
-        loader, args.seg_num_train_epochs, args.seg_max_train_steps, args.gradient_accumulation_steps
-    )
+    epochs = epochs_for(math.ceil(len(loader) / args.gradient_accumulation_steps), args.seg_num_train_epochs,
+                        args.seg_target_train_updates, args.seg_max_train_epochs)  # fmt: skip
+    max_steps, _ = training_steps(loader, epochs, args.seg_max_train_steps, args.gradient_accumulation_steps)
     # Not prepared: one step per update of the global batch on any number of processes.
     scheduler = build_scheduler("poly", optimizer, max_steps, min_learning_rate=args.seg_min_learning_rate)
     optimizer = prepared_optimizer
@@ -550,7 +575,7 @@ def seg_stage(args, accelerator, dataset, class_names, results):
     save_pretrained_atomic(accelerator.unwrap_model(model), os.path.join(args.output_dir, "seg"), processor,
                            accelerator.is_main_process)  # fmt: skip
     release_training_state(accelerator)
-    results.update(seg_train_seconds=round(time.time() - start, 1), seg_train_steps=max_steps)
+    results.update(seg_train_seconds=round(time.time() - start, 1), seg_train_steps=max_steps, seg_train_epochs=epochs)
 
 
 def eval_stage(args, accelerator, dataset, class_names, results):
@@ -583,8 +608,12 @@ def eval_stage(args, accelerator, dataset, class_names, results):
                   aux_weight=args.eval_aux_weight, skip_unlabelled=True,
                   image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0])  # fmt: skip
     crf = EVAL_CRFS[args.eval_crf] if args.eval_crf else None
-    multi = evaluate_segmentation(model, val, scales=args.eval_scales, flip=True, on_prediction=save_prediction,
-                                  crf=crf, **common)  # fmt: skip
+    passes = dict(scales=args.eval_scales, flip=True)
+    if args.eval_without_masks == "predict" and not rows_with_masks(val):
+        # Nothing to score: the predictions and figures at one pass (scale 1.0, no flip, no CRF) are what is useful.
+        passes, crf = dict(scales=(1.0,), flip=False), None
+        results["seg_val_prediction_passes"] = "scale 1.0, no flip, no CRF (no masks to score)"
+    multi = evaluate_segmentation(model, val, on_prediction=save_prediction, crf=crf, **passes, **common)
     num_predicted = len(val) if args.eval_samples is None else min(args.eval_samples, len(val))
     results.update(seg_val_predictions=predictions, seg_val_predicted_samples=num_predicted,
                    seg_val_scored_samples=multi["num_scored"])  # fmt: skip
@@ -691,8 +720,10 @@ def results_summary(results):
     lines = []
     if any(results.get(key) is not None for _, key in TABLE_ROWS):
         lines.append(results_table(results))
-    else:
+    elif results.get("seg_val_note") or results.get("pseudo_labels_written_per_process"):
         lines.append("Nothing was scored: the data has no ground-truth masks. Look at the predictions and figures.")
+    else:
+        lines.append("No mIoU yet: the pseudo and eval stages score the run.")
     if results.get("cam_choice_rule"):
         lines.append(
             f"Without masks the pseudo-labels come from {results['cam_choice']} at threshold "
@@ -729,6 +760,24 @@ def announce_run(args, accelerator):
                           "a demonstration of the whole recipe, not the paper's setting (no ImageNet weights).")
     else:
         accelerator.print(f"weaktr: preset {args.preset} on {args.dataset_path}")
+    kept = tuned_values_kept(args)
+    if kept:
+        accelerator.print(f"--preset {args.preset} on a dataset that is not its own keeps the values tuned on "
+                          f"{args.preset.split('-')[0].upper()}: " + ", ".join(f"{k} {v}" for k, v in kept.items())
+                          + f"; --preset own-{args.preset.split('-', 1)[1]} chooses them from your data.")  # fmt: skip
+
+
+def tuned_values_kept(args):
+    """The dataset-tuned values a VOC / COCO preset keeps when it runs on another dataset (empty on its own)."""
+    family = args.preset.split("-")[0]
+    if family not in ("voc12", "coco14") or args.dataset_path == "synthetic":
+        return {}
+    path = os.path.expanduser(str(args.dataset_path))
+    own = os.path.isdir(path) and (find_voc_root(path) is not None if family == "voc12" else is_coco_root(path))
+    if own:
+        return {}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in vars(args).items()
+            if key in DATASET_TUNED}  # fmt: skip
 
 
 def report(args, dataset, results, results_path, accelerator):

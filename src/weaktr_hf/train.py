@@ -294,6 +294,9 @@ class Run:
         self.results.update(run_id=self.record["run_id"], preset=args.preset, dataset=str(args.dataset_path),
                             command=args.command)  # fmt: skip
         stages.check_crf(args, accelerator, self.results)
+        kept = stages.tuned_values_kept(args)
+        if kept:
+            self.results["preset_values_kept"] = kept
         self.results_path = os.path.join(args.output_dir, runs.RESULTS_FILE)
         self.stages = STAGES if args.stage == "all" else (args.stage,)
 
