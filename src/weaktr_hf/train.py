@@ -128,6 +128,11 @@ OPTIONS = {
          dict(choices=("pytorch", "default"))),
         ("--cam_image_size", "step-1 training crop", dict(type=int)),
         ("--cam_augment", "step-1 augmentation", dict(choices=("timm", "light", "none"))),
+        ("--train_length_rule", "training lengths as given in epochs, or as a number of updates within bounds",
+         dict(choices=("epochs", "updates"))),
+        ("--target_train_updates", "step-1 updates under the updates rule (epochs at least --num_train_epochs)",
+         dict(type=int)),
+        ("--max_train_epochs", "most step-1 epochs under the updates rule", dict(type=int)),
     ],
     "Step-1 epoch selection and pseudo-labels": [
         ("--cam_eval_samples", "images scored after each epoch to keep the best one (first N)", dict(type=int)),
@@ -151,6 +156,8 @@ OPTIONS = {
         ("--crf", "dense-CRF parameters for the pseudo-labels", dict(choices=CRF_NAMES)),
         ("--no_crf", "skip the dense CRF (pseudo-labels straight from the CAMs)", dict(action=BooleanFlag)),
         ("--pseudo_label_eval_split", "also score the pseudo-labels on this split (VOC: train)", {}),
+        ("--cam_eval_subset", "selection images: all, or only those with a mask (your own data: any number of them)",
+         dict(choices=("all", "with_masks"))),
     ],
     "Step 2 (segmenter training)": [
         ("--seg_total_train_batch_size", "global step-2 batch, divided over processes", dict(type=int)),
@@ -163,6 +170,9 @@ OPTIONS = {
         ("--seg_nesterov", "Nesterov SGD (the authors')", dict(action=BooleanFlag)),
         ("--seg_num_train_epochs", "step-2 epochs", dict(type=int)),
         ("--seg_max_train_steps", "step-2 updates; overrides --seg_num_train_epochs", dict(type=int)),
+        ("--seg_target_train_updates", "step-2 updates under the updates rule (epochs at least "
+         "--seg_num_train_epochs)", dict(type=int)),
+        ("--seg_max_train_epochs", "most step-2 epochs under the updates rule", dict(type=int)),
         ("--seg_image_size", "step-2 model input size", dict(type=int)),
         ("--seg_crop_size", "step-2 training crop", dict(type=int)),
         ("--seg_base_size", "short side before the random ratio of the step-2 augmentation", dict(type=int)),
@@ -186,6 +196,8 @@ OPTIONS = {
         ("--eval_aux_weight", "add this x the probabilities decoded before the last decoder block", dict(type=float)),
         ("--eval_crf", "also score with the dense CRF on the probabilities", dict(choices=CRF_NAMES)),
         ("--num_visualizations", "figures written per stage", dict(type=int)),
+        ("--eval_without_masks", "a validation split without masks: evaluated as with masks, or only predicted at one "
+         "pass", dict(choices=("evaluate", "predict"))),
     ],
     "Loop, checkpoints, tracking and Hub": [
         ("--dataloader_num_workers", "loader processes", dict(type=int)),
