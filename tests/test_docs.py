@@ -1,6 +1,8 @@
-"""Documents the package's docstrings point readers to exist in the repository."""
+"""The documents: what the docstrings cite exists, and the README stays short, ordered for users, with every command in it checked."""
 
+import json
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +21,55 @@ def test_method_notes_named_in_the_code_are_in_the_repository():
         if Path(name).name not in shipped
     ]
     assert not mentions, mentions
+
+
+def readme_commands():
+    """The shell commands of README.md's bash blocks, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_readme_is_short_and_ordered_for_users():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 300
+    order = ["## Install", "## Use a model", "## Train on your own images", "## The offline demo",
+             "## The paper's recipes", "## The authors' checkpoints", "## The Hub", "## Documentation"]
+    positions = [text.index(heading) for heading in order]
+    assert positions == sorted(positions)
+    for link in re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", text):
+        assert (ROOT / link).is_file(), link
+
+
+def test_every_training_command_in_the_readme_resolves_as_a_run_would(capsys):
+    """Each `weaktr-train` / `accelerate launch ... train` line of the README parses and passes the recipe's checks
+    (what `--print_config` does); the data and weights they name are not needed for that."""
+    from weaktr_hf.train import main
+
+    training = [c for c in readme_commands() if c.startswith(("weaktr-train", "accelerate launch"))]
+    assert len(training) >= 5
+    for command in training:
+        words = shlex.split(command)
+        start = next(i for i, word in enumerate(words) if word.endswith(("train.py", "weaktr_hf.train", "weaktr-train")))
+        argv = [word for word in words[start + 1:] if word not in ("--push_to_hub",)]
+        assert main([*argv, "--print_config"]) is None, command
+        json.loads(capsys.readouterr().out)
+
+
+def test_every_predict_and_convert_command_in_the_readme_parses():
+    from weaktr_hf import convert_weaktr_original_to_hf, predict
+
+    parsers = {"weaktr-predict": predict.parse_args, "weaktr-convert": convert_weaktr_original_to_hf.parse_args}
+    seen = set()
+    for command in readme_commands():
+        words = shlex.split(command)
+        if words[0] in parsers:
+            parsers[words[0]](words[1:])
+            seen.add(words[0])
+    assert seen == set(parsers)
