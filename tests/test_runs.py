@@ -117,6 +117,9 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
         save_checkpoint(OneProcess(), str(tmp_path), step, total_limit=2)
     save_checkpoint(OneProcess(), str(tmp_path), 3, total_limit=2)
     assert sorted(os.listdir(tmp_path)) == ["step_3", "step_50"]
+    save_checkpoint(OneProcess(), str(tmp_path), 6, total_limit=2)  # the earlier attempt's step_50 is older
+    assert sorted(os.listdir(tmp_path)) == ["step_3", "step_6"]
+    assert weaktr_hf.training.find_latest_checkpoint(str(tmp_path)).endswith("step_6")
 
 
 def test_a_swept_threshold_is_used_only_for_its_own_cam(tmp_path):

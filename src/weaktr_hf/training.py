@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -212,19 +213,36 @@ class TrainState:
             setattr(self, key, value)
 
 
+SAVED_FILE = "saved.json"  # written into each checkpoint last: its step and when it was saved
+
+
+def _checkpoints_by_age(checkpoint_dir):
+    """Finished `step_<n>` checkpoints, oldest first: by the time each was saved (so a checkpoint an earlier run left
+    with a higher step never counts as newer), then by step for checkpoints without a record."""
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(checkpoint_dir, name)
+        if not match or not os.path.isdir(path):
+            continue
+        saved_at = -1
+        record = os.path.join(path, SAVED_FILE)
+        if os.path.isfile(record):
+            with open(record, encoding="utf-8") as handle:
+                saved_at = json.load(handle).get("time_ns", -1)
+        found.append((saved_at, int(match.group(1)), name))
+    return [name for _, _, name in sorted(found)]
+
+
 def find_latest_checkpoint(checkpoint_dir):
-    """The finished checkpoint with the most steps under `checkpoint_dir` (`step_<n>`), or None.
+    """The most recently saved finished checkpoint under `checkpoint_dir` (`step_<n>`), or None.
 
     Half-written checkpoints live under a temporary name until complete, so they are never picked.
     """
     if not os.path.isdir(checkpoint_dir):
         return None
-    steps = [
-        (int(match.group(1)), name)
-        for name in os.listdir(checkpoint_dir)
-        if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(checkpoint_dir, name))
-    ]
-    return os.path.join(checkpoint_dir, max(steps)[1]) if steps else None
+    names = _checkpoints_by_age(checkpoint_dir)
+    return os.path.join(checkpoint_dir, names[-1]) if names else None
 
 
 def resolve_checkpoint(resume_from_checkpoint, checkpoint_dir):
@@ -252,6 +270,8 @@ def save_checkpoint(accelerator, checkpoint_dir, step, total_limit=None):
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(temporary, SAVED_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"step": step, "time_ns": time.time_ns()}, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         if total_limit:
@@ -261,14 +281,11 @@ def save_checkpoint(accelerator, checkpoint_dir, step, total_limit=None):
 
 
 def _prune_checkpoints(checkpoint_dir, total_limit, keep):
-    """Keep the checkpoint just written (`keep`) and the newest others up to `total_limit` in all: a checkpoint of a
-    higher step left by an earlier attempt never pushes out the current one."""
-    steps = sorted(
-        int(match.group(1)) for name in os.listdir(checkpoint_dir) if (match := CHECKPOINT_PATTERN.match(name))
-    )
-    others = [step for step in steps if step != keep]
-    for step in others[: max(len(others) - (total_limit - 1), 0)]:
-        shutil.rmtree(os.path.join(checkpoint_dir, f"step_{step}"), ignore_errors=True)
+    """Keep the checkpoint just written (`keep`) and the most recently saved others up to `total_limit` in all: a
+    checkpoint of a higher step left by an earlier attempt never pushes out the current one."""
+    others = [name for name in _checkpoints_by_age(checkpoint_dir) if name != f"step_{keep}"]
+    for name in others[: max(len(others) - (total_limit - 1), 0)]:
+        shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
 
 
 def save_pretrained_atomic(model, directory, image_processor=None, is_main_process=True):
