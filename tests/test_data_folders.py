@@ -162,9 +162,9 @@ def test_background_non_integer_ids_and_twice_spelled_names_are_errors_naming_th
 @pytest.mark.parametrize(
     "class_names, message",
     [
-        (["cat", "dog", "cat"], r"name a class more than once \('cat', 'cat' at positions \[0, 2\]\)"),
+        (["cat", "dog", "cat"], r"named more than once \('cat', 'cat' at positions \[0, 2\]\)"),
         (["cat", "Dog ", "dog"], r"'Dog ', 'dog' at positions \[1, 2\]"),
-        (["cat", "background"], r"hold 'background' at position 1; background is not a foreground class"),
+        (["cat", "background"], r"'background' at position 1 is the background, which is not a foreground class"),
     ],
 )
 def test_given_class_names_named_twice_or_background_are_refused(tmp_path, class_names, message):

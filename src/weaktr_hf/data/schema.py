@@ -49,12 +49,12 @@ def check_class_names(class_names, source="the class names"):
         where = "; ".join(
             f"{', '.join(repr(class_names[p]) for p in places)} at positions {places}" for places in repeated
         )
-        raise ValueError(f"{source} name a class more than once ({where}) in {class_names}; give each class once.")
+        raise ValueError(f"{source}: a class is named more than once ({where}) in {class_names}; name each once.")
     if BACKGROUND in positions:
         raise ValueError(
-            f"{source} hold {class_names[positions[BACKGROUND][0]]!r} at position {positions[BACKGROUND][0]}; "
-            "background is not a foreground class (it is label 0 of the masks and of step 2): leave it out, and write "
-            "[] for an image with background only."
+            f"{source}: {class_names[positions[BACKGROUND][0]]!r} at position {positions[BACKGROUND][0]} is the "
+            "background, which is not a foreground class (it is label 0 of the masks and of step 2): leave it out, "
+            "and write [] for an image with background only."
         )
     return class_names
 
