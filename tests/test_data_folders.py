@@ -105,3 +105,70 @@ def test_bad_rows_name_their_file_or_are_skipped_with_a_log_line(tmp_path, caplo
     messages = " ".join(record.getMessage() for record in caplog.records)
     assert "typo.jpg" in messages and "gap.jpg" in messages and "broken.jpg) cannot be decoded" in messages
     assert "skipped 3 bad sample(s) of 4" in messages
+
+
+def test_class_names_in_another_order_than_subfolders_keep_every_image_s_class(tmp_path):
+    # ImageFolder numbers class-named sub-folders in sorted order (bird, cat, dog); given names are matched by name.
+    root = tmp_path / "classes"
+    for i, name in enumerate(("cat", "dog", "bird")):
+        save_image(root / "train" / name / f"{name}1.png", seed=i)
+
+    dataset = load_wsss_dataset(root, class_names=["cat", "dog", "bird"])["train"]
+
+    names = get_class_names(dataset)
+    assert names == ["cat", "dog", "bird"]
+    assert {sample_id.split("_", 1)[1]: [names[k] for k in labels] for sample_id, labels in
+            zip(dataset["id"], dataset["labels"], strict=True)} == {"cat1": ["cat"], "dog1": ["dog"], "bird1": ["bird"]}  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"\['cat', 'dog', 'fox'\] are not the dataset's own class names \['bird', 'cat', 'dog'\]"
+    ):
+        load_wsss_dataset(root, class_names=["cat", "dog", "fox"])
+
+
+def test_class_ids_in_separated_cells_are_ids_not_names_sorted_as_text(tmp_path):
+    eleven = [f"class{i}" for i in range(11)]
+    rows = [("a.jpg", '"0;10"'), ("b.jpg", "2"), ("c.jpg", '"1|9"')]
+    root = metadata_csv_folder(tmp_path / "ids", {"train": rows})
+
+    assert load_wsss_dataset(root, class_names=eleven)["train"]["labels"] == [[0, 10], [2], [1, 9]]
+    with pytest.raises(ValueError, match=r"names no class in any row \(ids seen: \['0', '1', '2', '9', '10'\]\)"):
+        load_wsss_dataset(root)
+    mixed = metadata_csv_folder(tmp_path / "mixed", {"train": [("a.jpg", "cat"), ("b.jpg", '"0;1"')]})
+    with pytest.raises(
+        ValueError, match=r"mixes class names \(e\.g\. 'cat', split 'train' row 0, .*a\.jpg\) and class ids"
+    ):
+        load_wsss_dataset(mixed)
+
+
+@pytest.mark.parametrize(
+    "rows, class_names, message",
+    [
+        ([("a.jpg", "cat"), ("b.jpg", "background")], None, r"b\.jpg\) has label 'background', but background is not"),
+        ([("a.jpg", "cat"), ("b.jpg", "Background")], ["cat"], r"b\.jpg\) has label 'Background', but background"),
+        ([("a.jpg", "1.7"), ("b.jpg", "0")], ["cat", "dog"], r"a\.jpg\) hold 1\.7, which is not an integer class id"),
+        ([("a.jpg", "cat"), ("b.jpg", "1.0")], ["cat", "dog"], r"b\.jpg\) has label '1\.0', which is not one of the"),
+        ([("a.jpg", "cat"), ("b.jpg", "Cat")], None, r"one way: 'cat' \(split 'train' row 0, .*a\.jpg\) vs 'Cat' \("),
+    ],
+)  # fmt: skip
+def test_background_non_integer_ids_and_twice_spelled_names_are_errors_naming_the_file(
+    tmp_path, rows, class_names, message
+):
+    root = metadata_csv_folder(tmp_path / "bad", {"train": rows})
+
+    with pytest.raises(ValueError, match=message):
+        load_wsss_dataset(root, class_names=class_names)
+
+
+@pytest.mark.parametrize(
+    "class_names, message",
+    [
+        (["cat", "dog", "cat"], r"named more than once \('cat', 'cat' at positions \[0, 2\]\)"),
+        (["cat", "Dog ", "dog"], r"'Dog ', 'dog' at positions \[1, 2\]"),
+        (["cat", "background"], r"'background' at position 1 is the background, which is not a foreground class"),
+    ],
+)
+def test_given_class_names_named_twice_or_background_are_refused(tmp_path, class_names, message):
+    root = metadata_csv_folder(tmp_path / "photos", {"train": [("a.jpg", "cat")]})
+
+    with pytest.raises(ValueError, match=message):
+        load_wsss_dataset(root, class_names=class_names)

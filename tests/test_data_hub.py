@@ -208,3 +208,26 @@ def test_array_image_column_is_encoded_as_images():
     floats = datasets.Dataset.from_dict({"image": [pixels.astype(np.float32)], "labels": [[1]]})
     with pytest.raises(BadSampleError, match="an image array must hold 8-bit values"):
         to_wsss_schema(floats, class_names=NAMES)
+
+
+def test_given_class_names_in_another_order_renumber_classlabel_ids_and_masks():
+    # A WSSS-schema dataset names its ids itself (cat, dog, bird); given as bird, cat, dog, its labels and masks
+    # follow the given order, so every pixel keeps its class's name.
+    source = datasets.Dataset.from_dict(
+        {
+            "image": [image(30), image(31)],
+            "labels": [[0, 2], [1]],
+            "semantic_mask": [mask((1, 3)), mask((2,))],
+            "id": ["x", "y"],
+        },
+        features=wsss_features(NAMES),
+    )
+
+    dataset = to_wsss_schema(source, class_names=["bird", "cat", "dog"])
+
+    assert get_class_names(dataset) == ["bird", "cat", "dog"]
+    assert dataset["labels"] == [[0, 1], [2]]  # cat + bird, dog
+    np.testing.assert_array_equal(np.array(dataset[0]["semantic_mask"]), np.array(mask((2, 1))))
+    np.testing.assert_array_equal(np.array(dataset[1]["semantic_mask"]), np.array(mask((3,))))
+    with pytest.raises(ValueError, match=r"given class names \['cat', 'dog'\] are not the dataset's own"):
+        to_wsss_schema(source, class_names=["cat", "dog"])

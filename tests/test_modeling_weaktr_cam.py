@@ -156,6 +156,20 @@ def test_class_ids_out_of_range_raise(tester, problem_type):
         model(tester.prepare_pixel_values(2), labels=torch.tensor([0, 3]))
 
 
+def test_one_class_integer_labels_are_refused_as_ambiguous_not_read_as_class_ids(tester):
+    # With one class a class id is always 0: flags tensor([0, 0]) (two background-only images) would train as present.
+    model = build_model(tester, id2label={0: "cat"})
+    pixel_values = tester.prepare_pixel_values(2)
+
+    for flags in (torch.tensor([0, 0]), torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match=r"ambiguous with one foreground class .* shape \(batch_size, 1\)"):
+            model(pixel_values, labels=flags)
+    with torch.no_grad():
+        absent = model(pixel_values, labels=torch.zeros(2, 1)).class_loss
+        present = model(pixel_values, labels=torch.ones(2, 1)).class_loss
+    assert not torch.isclose(absent, present)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------------------------------------------------

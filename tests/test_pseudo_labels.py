@@ -141,6 +141,26 @@ def test_rerun_with_other_settings_or_model_refuses_to_mix_labels(cam_model, dat
     assert summary.skipped == ["sample_0", "sample_1"] and len(summary.written) == 2
 
 
+def test_relabelled_images_get_new_pseudo_labels_on_rerun(cam_model, dataset, reference_dir, tmp_path):
+    # The labels pick the classes a PNG may hold, so a PNG made from a sample's old labels is stale.
+    write_pseudo_labels(cam_model, dataset, tmp_path, **SETTINGS)
+    relabelled = dataset.map(lambda row: {"labels": [2] if row["id"] == "sample_1" else row["labels"]})
+    assert dataset[1]["labels"] != [2]
+
+    summary = write_pseudo_labels(cam_model, relabelled, tmp_path, **SETTINGS)
+
+    assert summary.written == ["sample_1"] and summary.skipped == ["sample_0", "sample_2", "sample_3"]
+    assert set(np.unique(load_label_png(pseudo_label_path(tmp_path, "sample_1")))) <= {0, 3}
+    fresh = write_pseudo_labels(cam_model, relabelled.select([1]), tmp_path / "fresh", **SETTINGS)
+    assert fresh.written == ["sample_1"]
+    assert (tmp_path / "sample_1.png").read_bytes() == (tmp_path / "fresh" / "sample_1.png").read_bytes()
+    # A PNG that does not record its labels (written before they were recorded) is made again too.
+    save_label_png(
+        pseudo_label_path(tmp_path, "sample_0"), load_label_png(pseudo_label_path(reference_dir, "sample_0"))
+    )
+    assert write_pseudo_labels(cam_model, relabelled, tmp_path, **SETTINGS).written == ["sample_0"]
+
+
 def test_folder_of_pngs_without_a_settings_record_is_refused(cam_model, dataset, tmp_path):
     save_label_png(pseudo_label_path(tmp_path, "sample_0"), np.zeros((20, 27), np.uint8))
     with pytest.raises(ValueError, match="no record"):

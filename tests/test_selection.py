@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from weaktr_hf import WeakTrForCAM, WeakTrImageProcessor
 from weaktr_hf.inference import generate_cams
-from weaktr_hf.selection import choose_cam_without_masks, heldout_classification_loss, otsu_threshold
+from weaktr_hf.selection import (
+    choose_cam_without_masks,
+    heldout_classification_loss,
+    mask_selection_record,
+    otsu_threshold,
+    threshold_for_cam,
+)
 
 
 def test_otsu_threshold_splits_two_groups_and_says_how_cleanly():
@@ -50,6 +56,30 @@ def test_mask_free_choice_returns_a_candidate_cam_and_threshold_and_skips_backgr
         assert value["threshold"] == pytest.approx(np.median(found)), cam
     with pytest.raises(ValueError, match="no image of the subset has an image-level label"):
         choose_cam_without_masks(model, dataset_of([[], []]), show_progress=False)
+
+
+def test_a_swept_threshold_is_used_only_for_the_cam_it_was_swept_for(tester):
+    scores = {
+        "coarse_cam": {"mean_iou": 0.55, "threshold": 0.6, "per_threshold": {0.3: 0.41, 0.6: 0.55}},
+        "fine_cam": {"mean_iou": 0.50, "threshold": 0.3, "per_threshold": {0.3: 0.50, 0.6: 0.47}},
+    }
+    record = mask_selection_record(12, scores, "coarse_cam")
+    assert (record["cam"], record["threshold"], record["miou"]) == ("coarse_cam", 0.6, 0.55)
+    assert threshold_for_cam(record, "coarse_cam") == 0.6 and threshold_for_cam(record, "fine_cam") == 0.3
+    # A record that holds the chosen CAM's threshold only (written before per_cam) keeps it for that CAM alone.
+    older = {"epoch": 12, "threshold": 0.6, "cam": "coarse_cam", "miou": 0.55, "per_threshold": {"0.6": 0.55}}
+    assert threshold_for_cam(older, "coarse_cam") == 0.6
+    with pytest.raises(ValueError, match=r"out/cam_selection\.json holds no threshold chosen for 'fine_cam', only for "
+                       r"\['coarse_cam'\]"):  # fmt: skip
+        threshold_for_cam(older, "fine_cam", "out/cam_selection.json")
+    # The mask-free choice records a threshold for each of its candidates, and for those only.
+    model = WeakTrForCAM(tester.get_config()).eval()
+    choice = choose_cam_without_masks(model, dataset_of([[0], [1]]), cams=("fine_cam",), show_progress=False)
+    assert threshold_for_cam(choice, "fine_cam") == choice["threshold"]
+    with pytest.raises(ValueError, match=r"no threshold chosen for 'cross_attention', only for \['fine_cam'\]"):
+        threshold_for_cam(choice, "cross_attention")
+    with pytest.raises(ValueError, match=r"the chosen CAM 'cross_attention' was not scored"):
+        mask_selection_record(12, scores, "cross_attention")
 
 
 def test_heldout_classification_loss_is_the_mean_soft_margin_loss_at_the_model_size(tester):

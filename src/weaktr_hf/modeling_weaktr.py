@@ -655,7 +655,8 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
         r"""
         labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Multi-hot image-level labels (1 for each foreground class present). A `(batch_size,)` integer tensor of
-            class ids (one class per image) is taken as one-hot rows. The loss follows `config.problem_type`:
+            class ids (one class per image) is taken as one-hot rows, except with one foreground class, where it
+            is refused (class ids or presence flags cannot be told apart). The loss follows `config.problem_type`:
             `"multi_label_classification"` (WeakTr's, set when the config has none), or as transformers' image
             classifiers, `"single_label_classification"` (class ids, cross-entropy) or `"regression"` (mean squared
             error).
@@ -720,6 +721,13 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
         multi-label loss (an image with one class is a multi-label image with one class present)."""
         problem_type = self.config.problem_type
         is_class_ids = labels.ndim == 1 and not labels.is_floating_point()
+        if problem_type == "multi_label_classification" and is_class_ids and self.num_labels == 1:
+            # With one class, a class id is always 0, so 0/1 presence flags would be read as "present" for every image.
+            raise ValueError(
+                f"labels of shape ({batch_size},) and dtype {labels.dtype} are ambiguous with one foreground class "
+                "(class ids, which are all 0, or 0/1 presence flags?); give multi-hot labels of shape (batch_size, 1), "
+                "e.g. labels[:, None].float() for presence flags."
+            )
         if problem_type == "multi_label_classification" and is_class_ids and labels.shape[0] == batch_size:
             self._check_class_ids(labels)
             return F.one_hot(labels.long(), self.num_labels).float()

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.schema import mask_to_array
@@ -101,6 +102,21 @@ def _refine_with_crf(image, label_map, present_ids, crf):
 
 
 SETTINGS_FILE = "pseudo_label_settings.json"
+# PNG text chunk holding the image-level labels a pseudo-label was made from (they pick the classes it may hold).
+IMAGE_LABELS_KEY = "weaktr_image_labels"
+
+
+def _image_labels_text(labels):
+    """A sample's image-level labels as the text recorded in its pseudo-label PNG (sorted distinct ids, JSON)."""
+    return json.dumps(sorted({int(class_id) for class_id in labels}))
+
+
+def _recorded_image_labels(path):
+    """The image-level labels text recorded in a pseudo-label PNG; None when the file or the record is missing."""
+    if not os.path.isfile(path):
+        return None
+    with Image.open(path) as png:
+        return png.info.get(IMAGE_LABELS_KEY)
 
 
 def _model_fingerprint(model):
@@ -114,7 +130,8 @@ def _model_fingerprint(model):
 
 
 def _pseudo_label_settings(model, image_transform, scales, flip, threshold, crf, cam):
-    """Everything a pseudo-label PNG depends on besides its image, as JSON values (compared after a JSON round trip)."""
+    """Everything a pseudo-label PNG depends on besides its image and image-level labels (recorded in the PNG itself),
+    as JSON values (compared after a JSON round trip)."""
     settings = {
         "model_weights_sha256": _model_fingerprint(model),
         "cam": cam,
@@ -175,7 +192,9 @@ def write_pseudo_labels(
     (multi-scale + flip CAMs from `generate_cams`, background threshold, optional dense CRF) as a palette PNG with
     0 = background and k + 1 = foreground class k.
 
-    Resumable: a sample whose PNG exists is skipped (PNGs are written atomically, so an existing file is complete).
+    Resumable: a sample whose PNG exists is skipped (PNGs are written atomically, so an existing file is complete),
+    unless its image-level labels changed since: each PNG records the labels it was made from, and a PNG made from
+    other labels (or without that record) is made again.
     The settings (model weights' hash, CAM, scales, flip, threshold, CRF, image transform) are recorded in
     `output_dir/pseudo_label_settings.json`; resuming in a folder made with other settings, or holding PNGs without
     that record, is an error rather than a silent mix of old and new labels.
@@ -233,8 +252,13 @@ def write_pseudo_labels(
         _check_or_record_settings(uncrf_output_dir, {**settings, "crf": None}, ids)
 
     shard = range(process_index, len(ids), num_processes)
+    # A PNG is done only if it was made from the sample's current image-level labels (a relabelled image, or a PNG
+    # without the record, is made again).
+    labels_text = {i: _image_labels_text(labels) for i, labels in zip(shard, dataset.select(shard)["labels"])}
     skipped = [
-        ids[i] for i in shard if all(os.path.exists(pseudo_label_path(folder, ids[i])) for folder in output_dirs)
+        ids[i]
+        for i in shard
+        if all(_recorded_image_labels(pseudo_label_path(folder, ids[i])) == labels_text[i] for folder in output_dirs)
     ]
     done = set(skipped)
     pending = [i for i in shard if ids[i] not in done]
@@ -267,12 +291,13 @@ def write_pseudo_labels(
         labels = [present_ids]
         cams = generate_cams(model, pixel_values[None], labels, scales=scales, flip=flip, cam=cam)
         label_map = cams_to_labels(cams, labels, threshold)[0].cpu().numpy()
+        text = {IMAGE_LABELS_KEY: labels_text[index]}
         if len(output_dirs) > 1:
-            save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map)
+            save_label_png(pseudo_label_path(uncrf_output_dir, sample_id), label_map, text=text)
         if crf is not None and present_ids:
             label_map = _refine_with_crf(pil_image_to_uint8(image), label_map, present_ids, crf)
         # Written last: its presence marks the sample as done.
-        save_label_png(pseudo_label_path(output_dir, sample_id), label_map)
+        save_label_png(pseudo_label_path(output_dir, sample_id), label_map, text=text)
         written.append(sample_id)
     return PseudoLabelSummary(written=written, skipped=skipped)
 

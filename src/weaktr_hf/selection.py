@@ -160,10 +160,48 @@ def heldout_classification_loss(model, dataset, image_size, max_samples=None, ba
     return total / seen
 
 
+def mask_selection_record(epoch, scores, cam):
+    """The record of a mask-based step-1 choice (`cam_selection.json`): the epoch, the chosen CAM with its threshold,
+    mIoU and sweep, and every scored CAM's own threshold under `per_cam`, so that a pseudo-label run asking for
+    another of them gets the threshold swept for it (`threshold_for_cam`).
+
+    Args:
+        scores: `weaktr_hf.evaluation.evaluate_cams`'s result, `{cam: {"mean_iou", "threshold", "per_threshold"}}`.
+        cam: the chosen name, one of `scores`.
+    """
+    if cam not in scores:
+        raise ValueError(f"the chosen CAM {cam!r} was not scored; scored: {sorted(scores)}.")
+    return {
+        "epoch": epoch,
+        "cam": cam,
+        "threshold": scores[cam]["threshold"],
+        "miou": scores[cam]["mean_iou"],
+        "per_threshold": scores[cam]["per_threshold"],
+        "per_cam": {name: {"threshold": v["threshold"], "miou": v["mean_iou"]} for name, v in scores.items()},
+    }
+
+
+def threshold_for_cam(selection, cam, source="the CAM selection record"):
+    """The background threshold chosen for `cam` in a step-1 selection record (`cam_selection.json`), never another
+    CAM's: from its `per_cam` entry, or, in a record without `per_cam`, the top-level threshold if `cam` is the
+    chosen CAM. A CAM without a threshold of its own is an error that names the CAMs that have one (`source`, e.g.
+    the file's path, says where the record came from)."""
+    per_cam = selection.get("per_cam") or ({selection["cam"]: selection} if "cam" in selection else {})
+    if cam in per_cam and "threshold" in per_cam[cam]:
+        return float(per_cam[cam]["threshold"])
+    raise ValueError(
+        f"{source} holds no threshold chosen for {cam!r}, only for {sorted(per_cam)}; another CAM's threshold does "
+        f"not fit it. Give the threshold (train.py --cam_threshold), or pick {cam!r} among the candidates of the "
+        "cam stage (--pseudo_label_cam auto or that name) and rerun it."
+    )
+
+
 __all__ = [
     "CLASSIFICATION_RULE",
     "OTSU_RULE",
     "choose_cam_without_masks",
     "heldout_classification_loss",
+    "mask_selection_record",
     "otsu_threshold",
+    "threshold_for_cam",
 ]

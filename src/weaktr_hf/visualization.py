@@ -8,7 +8,7 @@ import os
 import uuid
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .image_processing_weaktr import pil_image_to_uint8
 from .labels import IGNORE_INDEX
@@ -265,13 +265,19 @@ def _wrap(text, characters):
     return lines + [line]
 
 
-def save_label_png(path, mask):
+def save_label_png(path, mask, text=None):
     """Write a label map as a palette PNG, atomically: a crash mid-write never leaves a partial file at `path`.
 
     The PNG is written to a temporary file in the same folder and then renamed over `path` (`os.replace`), so a
-    resumed run that finds `path` can trust it.
+    resumed run that finds `path` can trust it. `text` (a dict of strings) is stored as PNG text chunks ahead of the
+    pixels, where `Image.open(path).info` reads it without decoding them.
     """
     image = colorize_mask(mask)
+    pnginfo = None
+    if text:
+        pnginfo = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            pnginfo.add_text(key, value)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -280,7 +286,7 @@ def save_label_png(path, mask):
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "xb") as file:
-            image.save(file, format="PNG")
+            image.save(file, format="PNG", pnginfo=pnginfo)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -17,6 +17,7 @@ from .collators import IMAGE_IDS_KEY, CAMCollator, SegmentationCollator
 from .hub import load_hub_dataset, shared_class_names, to_wsss_schema
 from .schema import (
     BadSampleError,
+    check_class_names,
     get_class_names,
     get_id2label,
     get_label2id,
@@ -114,6 +115,7 @@ __all__ = [
     "SegmentationCollator",
     "SegmentationTrainTransform",
     "as_dataset_transform",
+    "check_class_names",
     "get_class_names",
     "get_coco_category_ids",
     "get_id2label",

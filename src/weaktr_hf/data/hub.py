@@ -3,10 +3,12 @@
 The caller names the image, mask and label columns. Image-level labels come from the label column or, without one,
 from the mask (0 background, k + 1 for class k, 255 ignore). Class names come from `class_names=`, else from the
 label column's `ClassLabel` names, else from what `load_wsss_dataset` recorded, else (a label column of class-name
-strings) from the names the data uses, sorted.
+strings) from the names the data uses, sorted. A dataset that names its classes itself keeps them: `class_names=` in
+another order are matched by name (its ids and masks are renumbered to the given order), and other names are refused.
 
-A label value is a class id, a class name, or a list of either; a string holding several names is a JSON list
-(`'["cat", "dog"]'`) or names separated by `;`, `,` or `|` (`"cat;dog"`); `"[]"` or `""` means background only. This
+A label value is a class id, a class name, or a list of either; a string holding several is a JSON list
+(`'["cat", "dog"]'`) or values separated by `;`, `,` or `|` (`"cat;dog"`, `"0;10"`: digits are class ids, never
+names); `"[]"` or `""` means background only, and `background` is not a label. This
 reads the `metadata.csv` / `metadata.jsonl` of `datasets`' ImageFolder layout (`file_name` plus a labels column) and
 its class-named subfolders (a single `ClassLabel` column, `label`). A missing value (an empty CSV cell) is an error, so
 that a forgotten row is not silently taken for a background-only image.
@@ -21,12 +23,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ..labels import BACKGROUND
 from .schema import (
     ERROR_COLUMN,
     BadSampleError,
+    as_class_id,
     check_image,
-    check_mask_size,
     check_labels,
+    check_mask_size,
     check_on_bad_sample,
     encode_mask_png,
     features_with_error_column,
@@ -50,16 +54,41 @@ def is_saved_dataset(path):
 
 
 def _class_names_from(dataset, labels_column, class_names):
-    if class_names is not None:
-        return list(class_names)
-    names = find_class_names(dataset, labels_column)
-    if names:
-        return names
-    raise ValueError(
-        f"cannot tell the foreground class names of this dataset (label column {labels_column!r} is not a ClassLabel "
-        "or a list of ClassLabel, and no names were recorded); pass class_names=[...] in label order 0..C-1 "
-        "(background excluded)."
-    )
+    """The foreground class names of a split, and the map from the dataset's own class ids to theirs (or None).
+
+    A dataset that names its classes itself (a `ClassLabel` label column, or names recorded by `load_wsss_dataset`)
+    keeps the name of every id: given names in another order are mapped by name (own id k becomes the given index of
+    own name k), and given names that are not the same set are refused with both lists.
+    """
+    own = find_class_names(dataset, labels_column)
+    if class_names is None:
+        if own:
+            return own, None
+        raise ValueError(
+            f"cannot tell the foreground class names of this dataset (label column {labels_column!r} is not a "
+            "ClassLabel or a list of ClassLabel, and no names were recorded); pass class_names=[...] in label order "
+            "0..C-1 (background excluded)."
+        )
+    class_names = list(class_names)
+    if not own or own == class_names:
+        return class_names, None
+    if sorted(own) != sorted(class_names):
+        raise ValueError(
+            f"the given class names {class_names} are not the dataset's own class names {own} (the names of its "
+            f"{labels_column!r} column's ids, e.g. class-named sub-folders in sorted order); give the same names in "
+            "any order (they are matched by name), or leave the class names out (train.py --class_names) to use the "
+            "dataset's."
+        )
+    logger.info("class names mapped by name from the dataset's order %s to the given order %s", own, class_names)
+    return class_names, [class_names.index(name) for name in own]
+
+
+def _own_to_given_mask(mask, id_map):
+    """A class-index mask (0 background, k + 1 own class k, 255 ignore) renumbered to the given class order."""
+    lookup = np.arange(256, dtype=np.int64)
+    lookup[1 : len(id_map) + 1] = np.asarray(id_map) + 1
+    inside = (mask >= 0) & (mask <= 255)  # other values are left for `labels_from_mask` to report
+    return np.where(inside, lookup[np.clip(mask, 0, 255)], mask)
 
 
 LABEL_NAME_SEPARATORS = r"[;,|]"
@@ -88,18 +117,40 @@ def split_label_value(value, name):
     return list(value)
 
 
-def label_names_to_ids(values, label2id, name):
-    """Class names (strings) of one row as ids 0..C-1 via `label2id`; ids pass through; unknown names are an error."""
+def is_id_token(value):
+    """Whether a label string is a class id written as digits (`"10"`), rather than a class name."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()) is not None
+
+
+def is_background_name(value):
+    """Whether a label string names the background (any case), which is label 0 of the masks and no class."""
+    return isinstance(value, str) and value.strip().casefold() == BACKGROUND
+
+
+def label_names_to_ids(values, label2id, name, id_map=None):
+    """One row's label values as ids 0..C-1 in the order of `label2id`.
+
+    A string is a class name, or else (all digits, e.g. from `"0;10"`) a class id; ids are the dataset's own, renumbered
+    by `id_map` where the given names order them differently. Unknown names, the background's name and non-integer
+    ids are errors naming the sample (`name`: its id and file).
+    """
     ids = []
     for value in values:
-        if isinstance(value, str):
-            if value.strip() not in label2id:
-                raise BadSampleError(
-                    f"{name} has label {value!r}, which is not one of the class names {list(label2id)}; fix the row, "
-                    "or add the name to the class names (train.py --class_names, or class_names=)"
-                )
-            value = label2id[value.strip()]
-        ids.append(value)
+        if isinstance(value, str) and value.strip() in label2id:
+            ids.append(label2id[value.strip()])
+            continue
+        if is_background_name(value):
+            raise BadSampleError(
+                f"{name} has label {value!r}, but background is not a foreground class (it is label 0 of the masks); "
+                "write [] for an image with background only, and leave it out of rows that name classes"
+            )
+        if isinstance(value, str) and not is_id_token(value):
+            raise BadSampleError(
+                f"{name} has label {value!r}, which is not one of the class names {list(label2id)} nor a class id; fix "
+                "the row, or add the name to the class names (train.py --class_names, or class_names=)"
+            )
+        class_id = int(value) if isinstance(value, str) else as_class_id(value, name)
+        ids.append(id_map[class_id] if id_map is not None and 0 <= class_id < len(id_map) else class_id)
     return ids
 
 
@@ -110,22 +161,63 @@ def _holds_strings(feature):
 
 
 def infer_label_names(splits, labels_column):
-    """The sorted class names used by a string label column across all splits (datasets in memory, not streaming)."""
-    names = set()
+    """The sorted class names used by a string label column across all splits (datasets in memory, not streaming).
+
+    Digit strings are class ids, not names: a column of ids needs its names given, and a column mixing names and ids
+    is refused, as its ids would index names sorted by text. Names spelled two ways (`Cat`, `cat`) are refused with the
+    rows that use each spelling.
+    """
+    names, ids = {}, {}  # name or id -> the first (split, row) that uses it
     for split_name, dataset in splits.items():
         for index, value in enumerate(dataset[labels_column]):
             try:
                 values = split_label_value(value, f"row {index}")
             except BadSampleError:
                 continue  # reported with the file's name when the row is mapped
-            names.update(str(v).strip() for v in values if isinstance(v, str))
-    if not names:
+            for v in values:
+                if is_id_token(v) or not isinstance(v, str):
+                    ids.setdefault(str(v).strip(), (split_name, index))
+                elif not is_background_name(v):  # reported with the file's name when the row is mapped
+                    names.setdefault(v.strip(), (split_name, index))
+
+    def at(place):
+        split_name, index = place
+        return f"split {split_name!r} row {index}{_row_file(splits[split_name], index)}"
+
+    spellings = {}
+    for name in names:
+        spellings.setdefault(name.casefold(), []).append(name)
+    twice = [spelled for spelled in spellings.values() if len(spelled) > 1]
+    if twice:
         raise ValueError(
-            f"the label column {labels_column!r} names no class in any row; pass class_names=[...] (train.py "
-            "--class_names)."
+            f"the label column {labels_column!r} spells a class name more than one way: "
+            + "; ".join(" vs ".join(f"{n!r} ({at(names[n])})" for n in spelled) for spelled in twice)
+            + "; write one spelling, or pass class_names=[...] (train.py --class_names) naming each once."
+        )
+    if names and ids:
+        name, id_ = next(iter(names)), next(iter(ids))
+        raise ValueError(
+            f"the label column {labels_column!r} mixes class names (e.g. {name!r}, {at(names[name])}) and class ids "
+            f"(e.g. {id_}, {at(ids[id_])}); ids only have a meaning given the names in id order: pass class_names=[...] "
+            "(train.py --class_names), or write names only."
+        )
+    if not names:
+        seen = f" (ids seen: {sorted(ids, key=lambda v: (len(v), v))[:20]})" if ids else ""  # "2" before "10"
+        raise ValueError(
+            f"the label column {labels_column!r} names no class in any row{seen}; pass class_names=[...] (train.py "
+            "--class_names) with the names of ids 0, 1, ... in order."
         )
     logger.info("class names from the %r column, sorted: %s", labels_column, sorted(names))
     return sorted(names)
+
+
+def _row_file(dataset, index):
+    """`", <image file>"` of one row of a split whose `image` column holds files, else `""` (for error messages)."""
+    try:
+        image = dataset.select([index]).cast_column("image", datasets.Image(decode=False))[0]["image"]
+        return f", {image['path']}" if image.get("path") else ""
+    except (KeyError, TypeError, ValueError):  # no image column with files: the split and row still name the row
+        return ""
 
 
 def shared_class_names(splits, labels_column=None, class_names=None):
@@ -186,7 +278,7 @@ def _sample_id(example, index, image_column, id_column):
 
 
 def _example_to_schema(
-    example, index, image_column, mask_column, labels_column, id_column, num_classes, verify, label2id=None
+    example, index, image_column, mask_column, labels_column, id_column, num_classes, verify, label2id=None, id_map=None
 ):
     """One row of the source dataset -> a schema row, with the reason it is unusable (or None)."""
     sample_id = _sample_id(example, index, image_column, id_column)
@@ -204,11 +296,15 @@ def _example_to_schema(
             mask = open_image(row["semantic_mask"])
             mask.load()
             check_mask_size(mask, row["image"], image_size, f"the mask of sample {sample_id}", "its image")
-            mask_labels = labels_from_mask(
-                mask_to_array(mask, f"of sample {sample_id}"), num_classes, f"of {sample_id}"
-            )
+            mask_array = mask_to_array(mask, f"of sample {sample_id}")
+            if id_map is not None:
+                mask_array = _own_to_given_mask(mask_array, id_map)
+            mask_labels = labels_from_mask(mask_array, num_classes, f"of {sample_id}")
+            if id_map is not None:
+                row["semantic_mask"] = encode_mask_png(mask_array)
         if labels_column:
-            ids = label_names_to_ids(split_label_value(example[labels_column], where), label2id or {}, where)
+            values = split_label_value(example[labels_column], where)
+            ids = label_names_to_ids(values, label2id or {}, where, id_map)
             row["labels"] = check_labels(ids, num_classes, where)
         elif mask_labels is not None:
             row["labels"] = mask_labels
@@ -287,7 +383,7 @@ def to_wsss_schema(
     columns, image_column, mask_column, labels_column, id_column = _resolve_columns(
         dataset, image_column, mask_column, labels_column, id_column
     )
-    names = _class_names_from(dataset, labels_column, class_names)
+    names, id_map = _class_names_from(dataset, labels_column, class_names)
     metadata = {k: v for k, v in get_metadata(dataset).items() if k != "class_names"}
     features = wsss_features(names)
     for column in (image_column, mask_column):
@@ -301,6 +397,7 @@ def to_wsss_schema(
         "num_classes": len(names),
         "verify": verify_images,
         "label2id": {name: i for i, name in enumerate(names)},  # label values may be class names
+        "id_map": id_map,  # the dataset's own class ids -> the given names' order (None: the same)
     }
     map_kwargs = {
         "with_indices": True,

@@ -10,13 +10,14 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 
 import datasets
 import numpy as np
 import PIL.Image
 
-from ..labels import IGNORE_INDEX, foreground_id2label, segmentation_id2label
+from ..labels import BACKGROUND, IGNORE_INDEX, foreground_id2label, segmentation_id2label
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,36 @@ class BadSampleError(ValueError):
     """A sample that cannot be used as it is (unreadable image, mismatched mask, unknown class...)."""
 
 
-def wsss_features(class_names):
-    """`datasets.Features` of the WSSS schema for these foreground class names."""
+def check_class_names(class_names, source="the class names"):
+    """Foreground class names as a list, or an error naming `source` (e.g. the file they were read from).
+
+    Names must be unique (also ignoring case and surrounding spaces, so that `Cat` and `cat` are not two classes), and
+    none may be the background's name: background is label 0 of the masks, not a foreground class.
+    """
     class_names = list(class_names)
     if not class_names:
-        raise ValueError("a WSSS dataset needs at least one foreground class name.")
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"foreground class names must be unique, got {class_names}.")
+        raise ValueError(f"{source}: a WSSS dataset needs at least one foreground class name.")
+    positions = {}
+    for position, name in enumerate(class_names):
+        positions.setdefault(str(name).strip().casefold(), []).append(position)
+    repeated = [places for places in positions.values() if len(places) > 1]
+    if repeated:
+        where = "; ".join(
+            f"{', '.join(repr(class_names[p]) for p in places)} at positions {places}" for places in repeated
+        )
+        raise ValueError(f"{source}: a class is named more than once ({where}) in {class_names}; name each once.")
+    if BACKGROUND in positions:
+        raise ValueError(
+            f"{source}: {class_names[positions[BACKGROUND][0]]!r} at position {positions[BACKGROUND][0]} is the "
+            "background, which is not a foreground class (it is label 0 of the masks and of step 2): leave it out, "
+            "and write [] for an image with background only."
+        )
+    return class_names
+
+
+def wsss_features(class_names):
+    """`datasets.Features` of the WSSS schema for these foreground class names (see `check_class_names`)."""
+    class_names = check_class_names(class_names)
     return datasets.Features(
         {
             "image": datasets.Image(),
@@ -252,6 +276,20 @@ def labels_from_mask(mask, num_classes, name="mask"):
     return [int(v) - 1 for v in values if 0 < v <= num_classes]
 
 
+def as_class_id(value, name):
+    """One label value as an int class id; a non-integer (`1.7`, `"x"`) is an error naming the sample, never truncated."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or isinstance(value, (str, bytes, bool, np.bool_)):
+        raise BadSampleError(
+            f"labels of {name} hold {value!r}, which is not an integer class id; write class ids as whole numbers "
+            "0..C-1 or class names"
+        )
+    return int(number)
+
+
 def check_labels(labels, num_classes, name):
     """Image-level labels as a sorted list of distinct ints in 0..C-1, or an error naming the sample.
 
@@ -260,8 +298,8 @@ def check_labels(labels, num_classes, name):
     if np.ndim(labels) == 0:
         labels = [labels]
     try:
-        values = sorted({int(v) for v in labels})
-    except (TypeError, ValueError) as error:
+        values = sorted({as_class_id(v, name) for v in labels})
+    except (TypeError, BadSampleError) as error:
         raise BadSampleError(
             f"labels of {name} are not integer class ids: {labels!r}; expected a class id or a list of class ids"
         ) from error
