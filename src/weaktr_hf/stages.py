@@ -33,6 +33,7 @@ from .data import (
     CAMTrainTransform,
     SegmentationCollator,
     SegmentationTrainTransform,
+    check_class_names,
     get_class_names,
     load_wsss_dataset,
     trivial_baseline_miou,
@@ -46,7 +47,10 @@ from .labels import foreground_id2label, segmentation_id2label
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
 from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, write_pseudo_labels
 from .recipes import CAM_NAMES, DATASET_TUNED, STAGES, cam_scheduler, epochs_for
-from .selection import CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss
+from .selection import (
+    CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss, mask_selection_record,
+    threshold_for_cam,
+)  # fmt: skip
 from .timm_backbone import load_timm_backbone
 from .training import (
     SeededTransformDataset,
@@ -130,8 +134,8 @@ def read_class_names(values):
             names = [line.strip() for line in handle if line.strip()]
         if not names:
             raise ValueError(f"--class_names file {values[0]} holds no class name (one name per line expected).")
-        return names
-    return list(values)
+        return check_class_names(names, f"--class_names file {values[0]}")
+    return check_class_names(list(values), "--class_names")
 
 
 def user_data_kwargs(args):
@@ -378,12 +382,8 @@ def cam_stage(args, accelerator, dataset, class_names, results):
                                    accelerator.is_main_process)  # fmt: skip
             if accelerator.is_main_process:
                 # Every scored CAM's own best threshold: a threshold is only ever used for the CAM it was swept for.
-                per_cam = {name: {"threshold": value["threshold"], "miou": value["mean_iou"]}
-                           for name, value in all_scores.items()}  # fmt: skip
                 write_json_atomic(os.path.join(args.output_dir, "cam_selection.json"),
-                                  {"epoch": epoch, "threshold": scores["threshold"], "cam": cam,
-                                   "miou": scores["mean_iou"], "per_threshold": scores["per_threshold"],
-                                   "per_cam": per_cam, "rule": "train_subset_cam_miou"})  # fmt: skip
+                                  {**mask_selection_record(epoch, all_scores, cam), "rule": "train_subset_cam_miou"})
         model.train()
 
     start = time.time()
@@ -467,13 +467,7 @@ def pseudo_label_choice(args):
     if args.cam_threshold != "sweep":
         return cam, args.cam_threshold
     # Both rules record each scored CAM's own threshold; a threshold swept for another CAM is never used.
-    per_cam = selection.get("per_cam") or {selection["cam"]: selection}
-    if cam not in per_cam:
-        raise ValueError(
-            f"{path} holds thresholds swept for {sorted(per_cam)}, not for {cam}: rerun --stage cam with "
-            f"--pseudo_label_cam {cam} (or auto), or give --cam_threshold."
-        )
-    return cam, per_cam[cam]["threshold"]
+    return cam, threshold_for_cam(selection, cam, path)
 
 
 def pseudo_label_choice_rule(args):

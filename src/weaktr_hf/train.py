@@ -56,8 +56,9 @@ OPTIONS = {
         ("--labels_column_name", "image-level labels: class names ('cat;dog', a JSON list) or ids (default 'labels', "
          "else ImageFolder's 'label')", {}),
         ("--mask_column_name", "optional ground-truth mask column (default 'semantic_mask' if present)", {}),
-        ("--class_names", "foreground class names in label order, or one text file with a name per line (default: "
-         "the dataset's own names)", dict(nargs="+")),
+        ("--class_names", "foreground class names, or one text file with a name per line: for a dataset that names "
+         "its classes (sub-folders, ClassLabel) the same names in any order, matched by name; for labels written as "
+         "ids, the names of ids 0, 1, ... in order (default: the dataset's own names)", dict(nargs="+")),
         ("--validation_split_percentage", "without a validation split, hold out this percentage of the training "
          "images", dict(type=float)),
         ("--on_bad_sample", "unreadable image / unknown label: stop naming the file, or skip it with a log line",
