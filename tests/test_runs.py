@@ -135,3 +135,14 @@ def test_a_swept_threshold_is_used_only_for_its_own_cam(tmp_path):
         pseudo_label_choice(args)
     args = parse_args(["--output_dir", str(tmp_path), "--pseudo_label_cam", "coarse_cam"])
     assert pseudo_label_choice(args) == ("coarse_cam", 0.6)
+
+
+def test_a_pseudo_stage_rerun_with_other_settings_makes_the_labels_again(first_run, capsys):
+    """No folder flag is needed to change the threshold: rerunning the stage of the same run redoes the labels (with
+    the same settings it resumes, skipping finished images, as tests/test_train.py checks)."""
+    output_dir, _ = first_run
+    results = main(["--output_dir", str(output_dir), *TINY, "--stage", "pseudo", "--pseudo_label_cam", "coarse_cam",
+                    "--cam_threshold", "0.4"])  # fmt: skip
+    assert "making the pseudo-labels again" in capsys.readouterr().out
+    assert results["pseudo_label_threshold"] == 0.4 and results["pseudo_label_cam"] == "coarse_cam"
+    assert results["pseudo_labels_written_per_process"] == [len(list((output_dir / "pseudo_labels").glob("*.png")))]

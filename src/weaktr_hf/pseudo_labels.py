@@ -144,18 +144,45 @@ def _pseudo_label_settings(model, image_transform, scales, flip, threshold, crf,
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
+def _settings_differences(folder, settings):
+    """None when `folder` has no record; else the recorded settings that differ from `settings`, in words ('' if
+    none)."""
+    path = os.path.join(os.fspath(folder), SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        recorded = json.load(file)
+    changed = sorted(key for key in set(recorded) | set(settings) if recorded.get(key) != settings.get(key))
+    return "; ".join(f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+
+
+def stale_pseudo_labels(folder, model, *, scales=(1.0,), flip=False, threshold, crf=None, cam="fine_cam",
+                        image_transform=None, crf_applied=True):  # fmt: skip
+    """Why the PNGs in `folder` cannot be resumed with these settings (made with others, or without a record), or
+    None when they can (or the folder holds none). `write_pseudo_labels` refuses such a folder; a caller that means
+    to redo the labels (the recipe's pseudo stage, rerun with new settings) removes it first."""
+    if not os.path.isdir(folder) or not any(name.endswith(".png") for name in os.listdir(folder)):
+        return None
+    image_transform = image_transform if image_transform is not None else _default_image_transform()
+    settings = _pseudo_label_settings(model, image_transform, scales, flip, threshold, _check_crf(crf) if crf else None,
+                                      cam)  # fmt: skip
+    if not crf_applied:
+        settings = {**settings, "crf": None}
+    differences = _settings_differences(folder, settings)
+    if differences is None:
+        return f"no record ({SETTINGS_FILE}) of the settings its PNGs were made with"
+    return f"made with other settings ({differences})" if differences else None
+
+
 def _check_or_record_settings(folder, settings, ids):
     """Record the settings with a new folder; refuse a folder whose PNGs were made with other settings.
 
     Each process writes the same record atomically, so sharded processes can all call this.
     """
     path = os.path.join(os.fspath(folder), SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as file:
-            recorded = json.load(file)
-        changed = sorted(key for key in set(recorded) | set(settings) if recorded.get(key) != settings.get(key))
-        if changed:
-            differences = "; ".join(f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+    differences = _settings_differences(folder, settings)
+    if differences is not None:
+        if differences:
             raise ValueError(
                 f"the pseudo-labels in {os.fspath(folder)!r} were made with other settings ({differences}), so "
                 "resuming would mix them. Write to another folder, or delete this one to make them again."

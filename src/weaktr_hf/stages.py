@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import datasets
@@ -45,7 +46,7 @@ from .image_processing_weaktr import WeakTrImageProcessor, pil_image_to_uint8
 from .inference import generate_cams
 from .labels import foreground_id2label, segmentation_id2label
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
-from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, write_pseudo_labels
+from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, stale_pseudo_labels, write_pseudo_labels
 from .recipes import CAM_NAMES, DATASET_TUNED, STAGES, cam_scheduler, epochs_for
 from .selection import (
     CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss, mask_selection_record,
@@ -490,6 +491,16 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
     folders = {"pseudo_labels": os.path.join(args.output_dir, "pseudo_labels")}
     if crf is not None:
         folders["pseudo_labels_nocrf"] = os.path.join(args.output_dir, "pseudo_labels_nocrf")
+    # A rerun of this stage with other settings (another threshold, CAM, CRF or step-1 model) makes the labels again;
+    # one with the same settings resumes, skipping the finished images.
+    if accelerator.is_main_process:
+        for name, folder in folders.items():
+            reason = stale_pseudo_labels(folder, model, scales=args.cam_scales, flip=args.cam_flip, threshold=threshold,
+                                         crf=crf, cam=cam, crf_applied=name == "pseudo_labels")  # fmt: skip
+            if reason:
+                accelerator.print(f"{folder}: {reason}; making the pseudo-labels again.")
+                shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
     summary = write_pseudo_labels(
         model, train, folders["pseudo_labels"], scales=args.cam_scales, flip=args.cam_flip, threshold=threshold,
         crf=crf, process_index=accelerator.process_index, num_processes=accelerator.num_processes,
