@@ -83,6 +83,33 @@ def test_segmenter_and_cam_model_match_timm_patch_tokens(name, size):
     assert max_diff(logits, expected_logits) <= 1e-4
 
 
+# The other sizes of each family (and DINOv3-S+ with its gated MLP), segmenter only, at 224x224.
+OTHER_SIZES = [
+    "vit_small_plus_patch16_dinov3",
+    "vit_base_patch16_dinov3",
+    "vit_large_patch16_dinov3",
+    "vit_large_patch16_dinov3_qkvb",
+    "vit_base_patch14_dinov2",
+    "vit_large_patch14_reg4_dinov2",
+    "eva02_small_patch14_224",
+    "eva02_large_patch14_224",
+    "deit3_large_patch16_224",
+    "deit_small_patch16_224",
+]
+
+
+@pytest.mark.parametrize("name", OTHER_SIZES)
+def test_other_sizes_match_timm_patch_tokens(name):
+    reference = timm_model(name, (224, 224))
+    segmenter = WeakTrForSemanticSegmentation.from_timm_backbone(reference, id2label=SEG_LABELS).eval()
+    pixel_values = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, features = timm_tokens(reference, pixel_values)
+        tokens = segmenter.weaktr(pixel_values).last_hidden_state
+    prefix = reference.num_prefix_tokens
+    assert max_diff(tokens[:, prefix:], features[:, prefix:]) <= 1e-4
+
+
 def test_dinov3_config_is_read_from_the_model():
     fields = timm_backbone_config(timm_model("vit_base_patch16_dinov3_qkvb", (224, 224)))
     expected = {
