@@ -228,6 +228,20 @@ def test_state_dict_without_class_position_row_loads_its_patch_rows(tmp_path):
     assert torch.equal(model.weaktr.pos_embed[:, :1], torch.zeros(1, 1, 384))
 
 
+@pytest.mark.parametrize("name", ["eva02_base_patch14_224", "vit_base_patch16_dinov3_qkvb"])
+def test_timm_state_dict_file_loads_like_the_model(name, tmp_path):
+    """A plain timm state-dict file (Eva's `gamma_1`, split `q_proj` / `k_proj` / `v_proj` and `fc1_g` / `fc1_x`)
+    loads into a model of the same config exactly as the timm model does."""
+    reference = timm_model(name, (224, 224))
+    torch.save(reference.state_dict(), tmp_path / "backbone.pth")
+    config = WeakTrConfig(**dict(timm_backbone_config(reference), id2label=SEG_LABELS))
+    from_file, from_module = WeakTrForSemanticSegmentation(config), WeakTrForSemanticSegmentation(config)
+    load_timm_backbone(from_file, str(tmp_path / "backbone.pth"))
+    load_timm_backbone(from_module, reference)
+    for (key, left), right in zip(from_file.weaktr.state_dict().items(), from_module.weaktr.state_dict().values()):
+        torch.testing.assert_close(left, right, rtol=0, atol=0, msg=key)
+
+
 def test_registers_and_no_position_table_train_save_and_load(tester, tmp_path):
     """A tiny DINOv3-layout segmenter: every parameter gets a gradient, and a save / load round trip is exact."""
     config = tester.get_segmentation_config(

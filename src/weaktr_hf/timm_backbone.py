@@ -117,12 +117,36 @@ def source_encoder_variant(state_dict):
     return "dinov2" if "blocks.0.ls1.gamma" in state_dict else "vit"
 
 
-def _adapt_keys(state_dict, encoder):
-    """timm / official names -> the encoder's: EVA-02's `mlp.w12` / `mlp.w3`, and timm EVA's pooled-feature norm
-    `fc_norm` as the all-token final norm (the authors load the MIM model's `norm` there). Rotary tables are dropped:
-    the encoder computes them per forward."""
-    adapted = {}
+def merge_split_layouts(state_dict):
+    """timm Eva's layouts -> the encoder's: `gamma_1` / `gamma_2` become `ls1.gamma` / `ls2.gamma`; separate
+    `q_proj` / `k_proj` / `v_proj` (EVA-02-B/L) become one `qkv.weight` plus `q_bias` / `v_bias` (the key projection
+    has no bias); split SwiGLU `fc1_g` / `fc1_x` become the packed `fc1`, gate first. Other keys pass unchanged."""
+    merged = {}
     for key, value in state_dict.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in ("gamma_1", "gamma_2"):
+            merged[f"{key[: -len(name)]}ls{name[-1]}.gamma"] = value
+        elif ".mlp.fc1_g." in key:
+            merged[key.replace(".fc1_g.", ".fc1.")] = torch.cat([value, state_dict[key.replace(".fc1_g.", ".fc1_x.")]])
+        elif ".attn.q_proj." in key:
+            prefix = key[: key.index(".attn.q_proj.")] + ".attn."
+            if name == "weight":
+                merged[prefix + "qkv.weight"] = torch.cat(
+                    [value, state_dict[prefix + "k_proj.weight"], state_dict[prefix + "v_proj.weight"]]
+                )
+            else:
+                merged[prefix + "q_bias"], merged[prefix + "v_bias"] = value, state_dict[prefix + "v_proj.bias"]
+        elif not any(part in key for part in (".mlp.fc1_x.", ".attn.k_proj.", ".attn.v_proj.")):
+            merged[key] = value
+    return merged
+
+
+def _adapt_keys(state_dict, encoder):
+    """timm / official names -> the encoder's: timm Eva's split layouts (`merge_split_layouts`), EVA-02's `mlp.w12` /
+    `mlp.w3`, and timm EVA's pooled-feature norm `fc_norm` as the all-token final norm (the authors load the MIM
+    model's `norm` there). Rotary tables are dropped: the encoder computes them per forward."""
+    adapted = {}
+    for key, value in merge_split_layouts(state_dict).items():
         if key.startswith("rope.") or ".rope." in key:
             continue
         for original, renamed in BACKBONE_KEY_RENAMES:
@@ -159,7 +183,7 @@ def load_timm_backbone(model, source, strict=True, position_interpolation=None):
         position_interpolation = PRETRAINED_BACKBONES.get(source, {}).get("position_interpolation")
     if position_interpolation not in (None, "bicubic", "bilinear"):
         raise ValueError(f"position_interpolation must be 'bicubic' or 'bilinear', got {position_interpolation!r}.")
-    source_state = _read_source(source)
+    source_state = _adapt_keys(_read_source(source), encoder)
     variant, configured = source_encoder_variant(source_state), encoder.config.encoder_variant
     if variant != configured:
         raise ValueError(
@@ -167,7 +191,6 @@ def load_timm_backbone(model, source, strict=True, position_interpolation=None):
             f"model with the {variant} fields of configuration_weaktr.ENCODER_VARIANTS (train.py: --seg_encoder "
             f"{variant})."
         )
-    source_state = _adapt_keys(source_state, encoder)
     target_state = encoder.state_dict()
     report = BackboneLoadingReport()
     new_state = {}
@@ -391,34 +414,13 @@ def timm_backbone_state_dict(model):
     """The weights of a supported timm model (see `timm_backbone_config`) in the encoder's names and layout, ready
     for `load_timm_backbone`:
 
-    - Eva's `gamma_1` / `gamma_2` become `ls1.gamma` / `ls2.gamma`; separate `q_proj` / `k_proj` / `v_proj` (EVA-02-B/L)
-      become one `qkv.weight` plus `q_bias` / `v_bias`; split SwiGLU `fc1_g` / `fc1_x` become the packed `fc1`
-      (gate first);
+    - Eva's split layouts are merged (`merge_split_layouts`);
     - a position table without a row for the class token (`no_embed_class`: DeiT-III, DINOv2-reg) gets a zero row;
       register rows of a table that has them are added to the register tokens (a constant, so the sum is exact);
     - rotary buffers and the classifier are left for `load_timm_backbone` to drop.
     """
     timm_backbone_config(model)  # refuses unsupported models with the supported list
-    state = {}
-    for key, value in model.state_dict().items():
-        parts = key.split(".")
-        if parts[-1] in ("gamma_1", "gamma_2"):
-            key = ".".join(parts[:-1] + [f"ls{parts[-1][-1]}", "gamma"])
-        elif ".mlp.fc1_g." in key or ".mlp.fc1_x." in key:
-            if ".mlp.fc1_g." in key:
-                gate, value_half = value, model.state_dict()[key.replace("fc1_g", "fc1_x")]
-                state[key.replace("fc1_g", "fc1")] = torch.cat([gate, value_half], dim=0)
-            continue
-        elif ".attn.q_proj." in key or ".attn.k_proj." in key or ".attn.v_proj." in key:
-            continue
-        state[key] = value
-    for index, block in enumerate(model.blocks):
-        attn = block.attn
-        if getattr(attn, "q_proj", None) is not None:
-            prefix = f"blocks.{index}.attn."
-            state[prefix + "qkv.weight"] = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            if attn.q_proj.bias is not None:
-                state[prefix + "q_bias"], state[prefix + "v_bias"] = attn.q_proj.bias, attn.v_proj.bias
+    state = merge_split_layouts(model.state_dict())
     pos_embed = state.get("pos_embed")
     if pos_embed is not None:
         registers = state["reg_token"].shape[1] if "reg_token" in state else 0
