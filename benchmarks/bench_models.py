@@ -44,6 +44,17 @@ TIMM_BACKBONES = {
     "dinov2": ("vit_small_patch14_dinov2", {}),
     "eva02": ("eva02_small_patch14_224", {"global_pool": "token", "use_fc_norm": False}),
 }
+# Backbones past the paper's, built with WeakTrForSemanticSegmentation.from_timm_backbone (config read from timm):
+# key -> (label, timm name). Same 480x480 step-2 comparison as TIMM_BACKBONES.
+TIMM_FAMILIES = {
+    "dinov3_s": ("DINOv3-S", "vit_small_patch16_dinov3"),
+    "dinov3_b": ("DINOv3-B", "vit_base_patch16_dinov3_qkvb"),
+}
+# One full-depth base-size encoder per family for the parity check (`family_parity`), at a square and a non-square
+# input; the 14-px families use 16-px patches at 320x480 (14 does not divide it), as the authors' step 2.
+FULL_DEPTH_PARITY = ("vit_base_patch16_dinov3_qkvb", "vit_base_patch14_reg4_dinov2", "eva02_base_patch14_224",
+                     "deit3_base_patch16_224")  # fmt: skip
+PARITY_SIZES = ((224, 224), (320, 480))
 CAM_IMAGE_SIZE = (375, 500)  # (height, width) of a typical VOC image
 CAM_SCALES = (1.0, 1.2)  # VOC's CAM-generation scales
 MIB = 1024 * 1024
@@ -63,7 +74,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of each callable before timing.")
     parser.add_argument("--step1-cases", default="224x1,224x8,448x1,448x8", help="Step-1 forward cases, SIZExBATCH.")
     parser.add_argument("--step2-batches", default="1,4", help="Step-2 forward batch sizes at 480x480.")
-    parser.add_argument("--backbone-batches", default="1,4", help="DINOv2-S / EVA-02-S step-2 batch sizes at 480.")
+    parser.add_argument("--backbone-batches", default="1,4", help="Step-2 batch sizes at 480 of the backbones section.")
+    parser.add_argument(
+        "--backbones", default=",".join(list(TIMM_BACKBONES) + list(TIMM_FAMILIES)),
+        help=f"Comma-separated encoders of the backbones section, of {list(TIMM_BACKBONES) + list(TIMM_FAMILIES)}; "
+        "with a DINOv3 one the full-depth base parity of every family runs too.",
+    )  # fmt: skip
     parser.add_argument("--train-step1", default="224x8", help="Step-1 training case, SIZExBATCH.")
     parser.add_argument("--train-step2", default="480x2", help="Step-2 training case, SIZExBATCH.")
     parser.add_argument("--compile-cases", default="step1:224x8,step2:480x4", help="Cases of the compile section.")
@@ -85,6 +101,10 @@ def parse_args(argv=None):
     if args.compile and "compile" not in sections:
         sections += ("compile",)
     args.sections = sections
+    args.backbones = tuple(name.strip() for name in args.backbones.split(",") if name.strip())
+    unknown = [name for name in args.backbones if name not in TIMM_BACKBONES and name not in TIMM_FAMILIES]
+    if unknown:
+        parser.error(f"unknown backbone(s) {unknown}; choose from {list(TIMM_BACKBONES) + list(TIMM_FAMILIES)}.")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -127,7 +147,7 @@ def plan_cases(args):
             for batch in args.step2_batches.split(","):
                 specs.append({"section": "step2", "size": 480, "batch": int(batch), "dtype": dtype})
         if "backbones" in args.sections:
-            for variant in TIMM_BACKBONES:
+            for variant in args.backbones:
                 for batch in args.backbone_batches.split(","):
                     specs.append({"section": "backbones", "variant": variant, "size": 480, "batch": int(batch),
                                   "dtype": dtype})  # fmt: skip
@@ -183,7 +203,9 @@ class ModelZoo:
     def get(self, name):
         if name not in self._cache:
             torch.manual_seed(0)
-            model = getattr(self, f"_build_{name}")()
+            kind, _, family = name.partition("_")
+            builder = getattr(self, f"_build_{name}", None)
+            model = builder() if builder is not None else getattr(self, f"_build_{kind}_family")(family)
             self._cache[name] = model.to(self.device).eval()
         return self._cache[name]
 
@@ -266,15 +288,55 @@ class ModelZoo:
     def _build_seg_eva02(self):
         return self._build_seg_backbone("eva02")
 
-    def backbone_parity(self):
-        """Max abs differences of our DINOv2-S / EVA-02-S step-2 encoders from timm's on the same weights (480x480)."""
+    def _random_timm(self, name, **kwargs):
+        model = self._timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        with torch.no_grad():  # LayerScale starts at 1e-5 in timm: make every branch count
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+        return model
+
+    def _build_timm_family(self, family):
+        return set_timm_attention(self._random_timm(TIMM_FAMILIES[family][1], drop_path_rate=0.1), fused=True)
+
+    def _build_seg_family(self, family):
+        _, _, WeakTrForSemanticSegmentation = self._classes
+        return WeakTrForSemanticSegmentation.from_timm_backbone(
+            self.get(f"timm_{family}").cpu(), id2label=self.seg_id2label, image_size=480
+        )
+
+    def backbone_parity(self, backbones):
+        """Max abs differences of our step-2 encoders of `backbones` from timm's on the same weights (480x480)."""
         pixels = torch.randn(1, 3, 480, 480, generator=torch.Generator().manual_seed(0)).to(self.device)
         differences = {}
         with torch.inference_mode():
-            for variant in TIMM_BACKBONES:
+            for variant in backbones:
                 reference = self.get(f"timm_{variant}").forward_features(pixels)
                 ours = self.get(f"seg_{variant}").weaktr(pixels).last_hidden_state
                 differences[f"step2_{variant}_encoder_vs_timm"] = (ours - reference).abs().max().item()
+        return differences
+
+    def family_parity(self):
+        """Full-depth base-size check per family: max abs difference of the patch tokens of a segmenter built with
+        `from_timm_backbone` from timm's `forward_features` (EVA's `fc_norm` applied to every token), batch 2."""
+        _, _, WeakTrForSemanticSegmentation = self._classes
+        differences = {}
+        for name in FULL_DEPTH_PARITY:
+            for height, width in PARITY_SIZES:
+                kwargs = {} if "dinov3" in name else {"img_size": (height, width)}
+                if "patch14" in name and (height, width) != (224, 224):
+                    kwargs["patch_size"] = 16
+                torch.manual_seed(0)
+                reference = self._random_timm(name, **kwargs).eval()
+                model = WeakTrForSemanticSegmentation.from_timm_backbone(reference, id2label=self.seg_id2label).eval()
+                pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+                with torch.inference_mode():
+                    expected = reference.forward_features(pixels)
+                    if not isinstance(reference.fc_norm, torch.nn.Identity):
+                        expected = reference.fc_norm(expected)
+                    ours = model.weaktr(pixels).last_hidden_state
+                start = reference.num_prefix_tokens
+                key = f"full_depth_{name}_{height}x{width}_patch_tokens_vs_timm"
+                differences[key] = (ours[:, start:] - expected[:, start:]).abs().max().item()
         return differences
 
     def parity(self):
@@ -376,15 +438,19 @@ def case_step2(zoo, spec):
 
 
 def case_backbones(zoo, spec):
-    """Step 2 on the authors' DINOv2-S / EVA-02-S: our segmenter against timm's encoder + our decoder."""
+    """Step 2 on the authors' DINOv2-S / EVA-02-S and on DINOv3-S / B: our segmenter against timm's encoder + our
+    decoder."""
     variant, size, batch = spec["variant"], spec["size"], spec["batch"]
     pixels = random_pixels(batch, size, size, zoo.device, zoo.dtype)
     seg = zoo.get(f"seg_{variant}")
     floor = TimmFeaturesDecoder(zoo.get(f"timm_{variant}"), seg.decoder, seg.config.patch_size).eval()
-    name = {"dinov2": "DINOv2-S", "eva02": "EVA-02-S"}[variant]
+    if variant in TIMM_FAMILIES:
+        name, timm_name = TIMM_FAMILIES[variant]
+    else:
+        name, timm_name = {"dinov2": "DINOv2-S", "eva02": "EVA-02-S"}[variant], TIMM_BACKBONES[variant][0]
     callables = {"seg": forward_fn(zoo.cast(seg), pixels), "floor": forward_fn(zoo.cast(floor), pixels)}
     rows = [("seg", "floor", f"WeakTrForSemanticSegmentation {name} (SDPA)",
-             f"floor: timm {TIMM_BACKBONES[variant][0]} forward_features (SDPA) + our decoder", 1.05)]  # fmt: skip
+             f"floor: timm {timm_name} forward_features (SDPA) + our decoder", 1.05)]  # fmt: skip
     return f"{name} {size}x{size} b{batch}", callables, rows
 
 
@@ -716,7 +782,9 @@ def main(argv=None):
     zoos = {name: ModelZoo(args.device, getattr(torch, name)) for name in args.dtypes}
     parity = zoos["float32"].parity() if "float32" in zoos else None
     if parity is not None and "backbones" in args.sections:
-        parity.update(zoos["float32"].backbone_parity())
+        parity.update(zoos["float32"].backbone_parity(args.backbones))
+        if any(name in TIMM_FAMILIES for name in args.backbones):
+            parity.update(zoos["float32"].family_parity())
     if parity:
         print(f"encoder parity with the timm baselines (max abs diff): {parity}", flush=True)
 

@@ -26,7 +26,7 @@ from .modeling_weaktr import (
     semantic_segmentation_loss,
     upsample_logits,
 )
-from .timm_backbone import BackboneLoadingReport, load_timm_backbone
+from .timm_backbone import BackboneLoadingReport, load_timm_backbone, prepare_timm_backbone
 
 __version__ = "0.1.0"
 
@@ -62,6 +62,7 @@ __all__ = [
     "cams_to_label_map",
     "clip_pixel_losses",
     "load_timm_backbone",
+    "prepare_timm_backbone",
     "normalize_cams",
     "semantic_segmentation_loss",
     "upsample_logits",

@@ -5,13 +5,20 @@ from transformers import PreTrainedConfig
 POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
 AAF_POOLINGS = ("max", "avg")
 LOSS_AVERAGES = ("all_pixels", "valid_pixels")
+ROPE_TYPES = ("eva02", "dinov3")
 # Block layouts of the authors' step-2 encoders (their OnlineRetraining/segm/model/{vit,eva02}.py): the WeakTrConfig fields that differ.
 # "vit" is DeiT-S and the augreg ViT-S; "dinov2" adds LayerScale; "eva02" has a SiLU-gated MLP (EVA-02-S: width 1024,
-# set `intermediate_size` with it), query/value biases only and 2-D RoPE.
+# set `intermediate_size` with it), query/value biases only and 2-D RoPE. "dinov3" (DINOv3 ViT-S/B/L, timm
+# `vit_*_patch16_dinov3`) is past the paper: LayerScale, 4 register tokens, DINOv3's rotary embedding and no learned
+# position table. Sizes, registers and biases of any timm backbone are read from the model itself
+# (`weaktr_hf.timm_backbone.timm_backbone_config`).
 ENCODER_VARIANTS = {
     "vit": dict(hidden_act="gelu", layerscale_value=None, use_gated_mlp=False, key_bias=True, use_rope=False),
     "dinov2": dict(hidden_act="gelu", layerscale_value=1.0, use_gated_mlp=False, key_bias=True, use_rope=False),
     "eva02": dict(hidden_act="silu", layerscale_value=None, use_gated_mlp=True, key_bias=False, use_rope=True),
+    "dinov3": dict(hidden_act="gelu", layerscale_value=1.0, use_gated_mlp=False, key_bias=True, use_rope=True,
+                   rope_type="dinov3", rope_theta=100.0, use_absolute_position_embeddings=False,
+                   num_register_tokens=4),
 }
 
 
@@ -62,14 +69,26 @@ class WeakTrConfig(PreTrainedConfig):
         use_gated_mlp (`bool`, *optional*, defaults to `False`):
             Gated (SwiGLU) MLP, as EVA-02: one packed `fc1` of `2 * intermediate_size` rows (gate first, then value),
             `hidden_act(gate) * value`, then `fc2`. `intermediate_size` is the width after gating.
+        use_mlp_norm (`bool`, *optional*, defaults to `False`):
+            With `use_gated_mlp`, a LayerNorm on the gated hidden before `fc2` (EVA-02-B/L; timm's `scale_mlp`).
         use_rope (`bool`, *optional*, defaults to `False`):
-            2-D axial rotary position embeddings (EVA-02) on the queries and keys of the patch tokens, on top of the
-            learned position table; prefix tokens are not rotated.
+            2-D axial rotary position embeddings on the queries and keys of the patch tokens; prefix tokens (class
+            tokens, registers) are not rotated, so they carry no position.
+        rope_type (`str`, *optional*, defaults to `"eva02"`):
+            `"eva02"`: positions `arange(n) / n * rope_reference_grid` per axis, interleaved pairs (EVA-02).
+            `"dinov3"`: patch centres normalised per axis to [-1, 1] and scaled by 2 pi, rotate-half layout (DINOv3;
+            timm's `rope_type='dinov3'`).
         rope_theta (`float`, *optional*, defaults to 10000.0):
-            Base of the rotary frequencies.
+            Base of the rotary frequencies (DINOv3: 100).
         rope_reference_grid (`int`, *optional*, defaults to 16):
-            Rotary positions of an axis with `n` patches are `arange(n) / n * rope_reference_grid` (EVA-02's
+            EVA-02 rotary positions of an axis with `n` patches are `arange(n) / n * rope_reference_grid` (EVA-02's
             pretraining grid), so any grid spans the same range and the authors' 30x30 table is reproduced exactly.
+        use_absolute_position_embeddings (`bool`, *optional*, defaults to `True`):
+            Learned position table `pos_embed` added to the tokens. DINOv3 has none: its positions are the rotary
+            embedding's alone.
+        num_register_tokens (`int`, *optional*, defaults to 0):
+            Register tokens (DINOv2-reg, DINOv3) between the class tokens and the patches: learned `reg_token`
+            without position rows. They take part in attention but are left out of the CAMs and the decoder.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated-normal weight init.
         position_embedding_interpolation (`str`, *optional*):
@@ -136,9 +155,14 @@ class WeakTrConfig(PreTrainedConfig):
     key_bias: bool = True
     layerscale_value: float | None = None
     use_gated_mlp: bool = False
+    use_mlp_norm: bool = False
     use_rope: bool = False
+    rope_type: str = "eva02"
     rope_theta: float = 10000.0
     rope_reference_grid: int = 16
+    # DINOv2-reg / DINOv3: register tokens; DINOv3 has no learned position table (rotary positions only).
+    use_absolute_position_embeddings: bool = True
+    num_register_tokens: int = 0
     initializer_range: float = 0.02
     position_embedding_interpolation: str | None = None
     # Step 1: Adaptive Attention Fusion (released runs: K = 72 -> 9, head_dim 64 -> 8, max pooling).
@@ -177,7 +201,10 @@ class WeakTrConfig(PreTrainedConfig):
 
     @property
     def encoder_variant(self):
-        """Which `ENCODER_VARIANTS` layout the encoder has: `"eva02"`, `"dinov2"` or `"vit"` (plain)."""
+        """Which `ENCODER_VARIANTS` layout the encoder has: `"dinov3"`, `"eva02"`, `"dinov2"` or `"vit"` (plain).
+        DeiT-III, a ViT with LayerScale, has the `"dinov2"` layout."""
+        if self.use_rope and self.rope_type == "dinov3":
+            return "dinov3"
         if self.use_rope or self.use_gated_mlp or not self.key_bias:
             return "eva02"
         return "dinov2" if self.layerscale_value is not None else "vit"
@@ -228,6 +255,7 @@ class WeakTrConfig(PreTrainedConfig):
             ("aaf_pooling", AAF_POOLINGS),
             ("loss_average", LOSS_AVERAGES),
             ("position_embedding_interpolation", POSITION_INTERPOLATIONS + (None,)),
+            ("rope_type", ROPE_TYPES),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -254,6 +282,16 @@ class WeakTrConfig(PreTrainedConfig):
                 f"WeakTrConfig.layerscale_value must be a number (LayerScale's initial value) or None (no LayerScale), "
                 f"got {self.layerscale_value!r}."
             )
+        registers = self.num_register_tokens
+        if not isinstance(registers, int) or isinstance(registers, bool) or registers < 0:
+            raise ValueError(f"WeakTrConfig.num_register_tokens must be an integer >= 0, got {registers!r}.")
+        if not self.use_absolute_position_embeddings and not self.use_rope:
+            raise ValueError(
+                "WeakTrConfig.use_absolute_position_embeddings=False leaves the encoder without any position "
+                "information; set use_rope=True (DINOv3) or keep the learned table."
+            )
+        if self.use_mlp_norm and not self.use_gated_mlp:
+            raise ValueError("WeakTrConfig.use_mlp_norm is the LayerNorm inside the gated MLP: set use_gated_mlp=True.")
         if self.rope_theta <= 0:
             raise ValueError(f"WeakTrConfig.rope_theta must be positive, got {self.rope_theta!r}.")
         if not self.fine_cam_scale > 0:
@@ -262,4 +300,4 @@ class WeakTrConfig(PreTrainedConfig):
             raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
 
 
-__all__ = ["ENCODER_VARIANTS", "WeakTrConfig"]
+__all__ = ["ENCODER_VARIANTS", "ROPE_TYPES", "WeakTrConfig"]

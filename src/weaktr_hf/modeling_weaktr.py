@@ -6,8 +6,10 @@ step-2 decoder and its gradient-clipping loss (`WeakTrForSemanticSegmentation`).
 Paper: Zhu et al., "WeakTr: Exploring Plain Vision Transformer for Weakly-supervised Semantic Segmentation".
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,11 @@ class WeakTrModelOutput(ModelOutput):
     Output of the shared ViT encoder.
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`):
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_register_tokens +
+            num_patches, hidden_size)`):
             Tokens after the last layer (after the final LayerNorm when the encoder has one). Prefix tokens (class
-            tokens for step 1, one [CLS] for step 2) come first, then patches in row-major order.
+            tokens for step 1, one [CLS] for step 2) come first, then the register tokens (none unless
+            `config.num_register_tokens`), then patches in row-major order.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens, hidden_size)`):
             The prefix tokens of `last_hidden_state`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
@@ -213,17 +217,33 @@ class WeakTrPatchEmbeddings(nn.Module):
         return embeddings.flatten(2).transpose(1, 2)
 
 
-def build_2d_rope(grid, head_dim, theta, reference_grid, device=None):
+def build_2d_rope(grid, head_dim, theta, reference_grid, device=None, rope_type="eva02"):
     """Axial 2-D rotary table `(cos, sin)`, each `(rows * cols, head_dim)` float32, patches in row-major order.
 
-    The first half of each head rotates with the patch row, the second half with the column, in interleaved pairs
-    (EVA-02's layout). Positions along an axis of `n` patches are `arange(n) / n * reference_grid`, rescaled per axis
-    as timm's EVA does, so every grid spans EVA-02's pretraining extent; at the authors' 30x30 grid this is their
-    fixed table. Computed per forward from `arange`: nothing is stored in the weights.
+    Frequencies are `theta ** (-i / (head_dim / 4))`, a quarter of each head per axis. Computed per forward from
+    `arange`: nothing is stored in the weights.
+
+    - `"eva02"`: the first half of each head rotates with the patch row, the second half with the column, in
+      interleaved pairs (`rotate_interleaved`). Positions along an axis of `n` patches are `arange(n) / n *
+      reference_grid`, rescaled per axis as timm's EVA does, so every grid spans EVA-02's pretraining extent; at the
+      authors' 30x30 grid this is their fixed table.
+    - `"dinov3"`: patch centres `(i + 0.5) / n` mapped to [-1, 1] per axis, angle `2 pi * position / period` with
+      `period = theta ** (i / (head_dim / 4))`; the head is `[row, col, row, col]` quarters for the rotate-half
+      layout (`rotate_half`), as DINOv3 (timm's `RotaryEmbeddingDinoV3`). `reference_grid` is unused.
     """
     rows, cols = grid
     quarter = head_dim // 4
-    inv_freq = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    exponents = torch.arange(quarter, device=device, dtype=torch.float32) / quarter
+    if rope_type == "dinov3":
+        periods = theta**exponents
+        row_pos = (torch.arange(0.5, rows, device=device, dtype=torch.float32) / rows) * 2.0 - 1.0
+        col_pos = (torch.arange(0.5, cols, device=device, dtype=torch.float32) / cols) * 2.0 - 1.0
+        row_freqs = 2 * math.pi * row_pos[:, None] / periods  # (rows, head_dim / 4)
+        col_freqs = 2 * math.pi * col_pos[:, None] / periods
+        angles = torch.cat([row_freqs[:, None].expand(rows, cols, -1), col_freqs[None].expand(rows, cols, -1)], -1)
+        angles = angles.reshape(rows * cols, head_dim // 2).repeat(1, 2)
+        return angles.cos(), angles.sin()
+    inv_freq = 1.0 / theta**exponents
     row_pos = torch.arange(rows, device=device, dtype=torch.float32) / rows * reference_grid
     col_pos = torch.arange(cols, device=device, dtype=torch.float32) / cols * reference_grid
     row_freqs = (row_pos[:, None] * inv_freq).repeat_interleave(2, dim=-1)  # (rows, head_dim / 2)
@@ -235,22 +255,31 @@ def build_2d_rope(grid, head_dim, theta, reference_grid, device=None):
 
 
 def rotate_interleaved(hidden_states):
-    """`(x0, x1, x2, x3, ...)` -> `(-x1, x0, -x3, x2, ...)`: a quarter turn of each consecutive pair."""
+    """`(x0, x1, x2, x3, ...)` -> `(-x1, x0, -x3, x2, ...)`: a quarter turn of each consecutive pair (EVA-02)."""
     pairs = hidden_states.unflatten(-1, (-1, 2))
     return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
-def apply_rotary_pos_emb(query, key, cos, sin):
-    """Rotate the last `cos.shape[0]` tokens (the patches) of `query` and `key` `(B, heads, T, head_dim)`; the prefix
-    tokens before them are left as they are."""
+def rotate_half(hidden_states):
+    """`(x_1, x_2)` halves -> `(-x_2, x_1)`: the rotate-half layout (DINOv3)."""
+    first, second = hidden_states.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+ROPE_ROTATIONS = {"eva02": rotate_interleaved, "dinov3": rotate_half}
+
+
+def apply_rotary_pos_emb(query, key, cos, sin, rotate=rotate_interleaved):
+    """Rotate the last `cos.shape[0]` tokens (the patches) of `query` and `key` `(B, heads, T, head_dim)` with the
+    pair layout `rotate`; the prefix tokens before them (class tokens, registers) are left as they are."""
     num_prefix = query.shape[-2] - cos.shape[0]
 
-    def rotate(states):
+    def apply(states):
         patches = states[..., num_prefix:, :]
-        rotated = patches * cos + rotate_interleaved(patches) * sin
+        rotated = patches * cos + rotate(patches) * sin
         return torch.cat([states[..., :num_prefix, :], rotated.type_as(states)], dim=-2)
 
-    return rotate(query), rotate(key)
+    return apply(query), apply(key)
 
 
 class WeakTrSelfAttention(nn.Module):
@@ -258,13 +287,14 @@ class WeakTrSelfAttention(nn.Module):
 
     `key_bias=False` (with `qkv_bias`) is EVA-02's layout: `qkv` without bias plus `q_bias` and `v_bias`, the key
     bias fixed at zero. Rotary `position_embeddings` `(cos, sin)`, when given, rotate queries and keys before the
-    attention kernel, so eager and SDPA attention see the same inputs.
+    attention kernel with the pair layout `rotate`, so eager and SDPA attention see the same inputs.
     """
 
     def __init__(self, config, hidden_size, num_heads, qkv_bias, attention_dropout, projection_dropout,
-                 key_bias=True):  # fmt: skip
+                 key_bias=True, rotate=rotate_interleaved):  # fmt: skip
         super().__init__()
         self.config = config
+        self.rotate = rotate
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.scaling = self.head_dim**-0.5
@@ -286,7 +316,7 @@ class WeakTrSelfAttention(nn.Module):
         qkv = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
         if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings, rotate=self.rotate)
         implementation = "eager" if output_attentions else (self.config._attn_implementation or "sdpa")
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_probs = attention_interface(
@@ -327,20 +357,22 @@ class WeakTrMLP(nn.Module):
 
 class WeakTrGatedMLP(nn.Module):
     """Gated MLP (SwiGLU with `hidden_act="silu"`, EVA-02): packed `fc1` gives `[gate; value]`, then
-    `fc2(act(gate) * value)`. Same attribute names and constructor as `WeakTrMLP`, so either fills a layer's `mlp`
-    slot. Dropout sits where `WeakTrMLP` has it; the authors' EVA-02 has none inside, which their step-2 default
+    `fc2(norm(act(gate) * value))`. Same attribute names and constructor as `WeakTrMLP`, so either fills a layer's
+    `mlp` slot. `norm_eps` adds the LayerNorm of EVA-02-B/L on the gated hidden (`norm`; identity when None).
+    Dropout sits where `WeakTrMLP` has it; the authors' EVA-02 has none inside, which their step-2 default
     (`hidden_dropout_prob=0`) matches."""
 
-    def __init__(self, hidden_size, intermediate_size, hidden_act, dropout):
+    def __init__(self, hidden_size, intermediate_size, hidden_act, dropout, norm_eps=None):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, 2 * intermediate_size)
         self.act = ACT2FN[hidden_act]
+        self.norm = nn.Identity() if norm_eps is None else nn.LayerNorm(intermediate_size, eps=norm_eps)
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, hidden_states):
         gate, value = self.fc1(hidden_states).chunk(2, dim=-1)
-        return self.drop(self.fc2(self.drop(self.act(gate) * value)))
+        return self.drop(self.fc2(self.norm(self.drop(self.act(gate) * value))))
 
 
 class WeakTrLayerScale(nn.Module):
@@ -360,17 +392,17 @@ class WeakTrLayer(GradientCheckpointingLayer):
     the backward pass after `model.activation_checkpointing_enable()`.
 
     The variants fill fixed slots when the layer is built: `mlp_layer` (`WeakTrMLP` or `WeakTrGatedMLP`), `ls1` /
-    `ls2` (LayerScale when `layerscale_value` is a number, identity when None) and the attention's bias layout
-    (`key_bias`). The defaults are the plain ViT block.
+    `ls2` (LayerScale when `layerscale_value` is a number, identity when None), the attention's bias layout
+    (`key_bias`) and its rotary pair layout (`rotate`). The defaults are the plain ViT block.
     """
 
     def __init__(self, config, hidden_size, num_heads, intermediate_size, hidden_act, layer_norm_eps, qkv_bias,
                  dropout, attention_dropout, drop_path_rate, *, mlp_layer=WeakTrMLP, layerscale_value=None,
-                 key_bias=True):  # fmt: skip
+                 key_bias=True, rotate=rotate_interleaved):  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.attn = WeakTrSelfAttention(
-            config, hidden_size, num_heads, qkv_bias, attention_dropout, dropout, key_bias=key_bias
+            config, hidden_size, num_heads, qkv_bias, attention_dropout, dropout, key_bias=key_bias, rotate=rotate
         )
         self.ls1 = nn.Identity() if layerscale_value is None else WeakTrLayerScale(hidden_size, layerscale_value)
         self.drop_path = WeakTrDropPath(drop_path_rate)
@@ -406,6 +438,33 @@ class WeakTrPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_timm_backbone(cls, backbone, id2label=None, arch=None, pretrained=True, position_interpolation=None,
+                           **config_overrides):  # fmt: skip
+        """
+        This model on a timm backbone, its config read from the timm model (no table per name) and its encoder
+        initialised with the backbone's weights (`weaktr_hf.timm_backbone.load_timm_backbone`).
+
+        Args:
+            backbone: a timm model instance, a timm name (`"vit_base_patch16_dinov3_qkvb.lvd1689m"`, downloads with
+                `pretrained`), a folder saved by `timm.models.save_for_hf`, or a checkpoint file with `arch`.
+            id2label: the classes (step 1: foreground classes; step 2: with background as label 0).
+            arch: the timm name a checkpoint file was saved from.
+            position_interpolation: resize of the position table to `image_size` (`"bicubic"` / `"bilinear"`;
+                default: the step's, as `load_timm_backbone`).
+            config_overrides: any `WeakTrConfig` field, e.g. `image_size=480` or `layer_norm_eps=1e-5`.
+
+        Supported: timm's `VisionTransformer` (ViT, DeiT, DeiT-III, DINOv2 with or without registers) and `Eva`
+        (EVA-02, DINOv3); other models are refused with that list. For step 2 the decoder follows the encoder's
+        width as in the authors' Segmenter (heads = width / 64, MLP 4 x width). Needs timm.
+        """
+        from .timm_backbone import from_timm_backbone
+
+        return from_timm_backbone(
+            cls, backbone, id2label=id2label, arch=arch, pretrained=pretrained,
+            position_interpolation=position_interpolation, **config_overrides,
+        )  # fmt: skip
+
     def _init_weights(self, module):
         """Truncated-normal linear/conv weights and zero biases, as timm's ViT initialisation."""
         std = self.config.initializer_range
@@ -423,7 +482,9 @@ class WeakTrPreTrainedModel(PreTrainedModel):
             init.zeros_(module.v_bias)
         elif isinstance(module, WeakTrModel):
             init.trunc_normal_(module.cls_token, std=std)
-            init.trunc_normal_(module.pos_embed, std=std)
+            for embedding in (module.pos_embed, module.reg_token):
+                if embedding is not None:
+                    init.trunc_normal_(embedding, std=std)
         elif isinstance(module, WeakTrMaskTransformerDecoder):
             init.trunc_normal_(module.cls_emb, std=std)
             scale = module.proj_patch.shape[0] ** -0.5
@@ -436,8 +497,10 @@ class WeakTrModel(WeakTrPreTrainedModel):
     The plain ViT encoder both WeakTr steps share: patch embedding, `num_prefix_tokens` learned prefix tokens,
     position embeddings resized to any input grid, pre-norm layers with stochastic depth, optional final LayerNorm.
     Config fields choose the variants of the authors' step-2 backbones: LayerScale (DINOv2-S), gated MLP, q/v biases
-    and 2-D rotary embeddings of the patch tokens (EVA-02-S); the rotary table is built once per forward for the
-    input's grid and handed to every layer.
+    and 2-D rotary embeddings of the patch tokens (EVA-02-S); and past them, register tokens (DINOv2-reg, DINOv3),
+    DINOv3's rotary embedding without a learned position table, EVA-02-B/L's MLP norm. The rotary table is built
+    once per forward for the input's grid and handed to every layer. Tokens are laid out as `[prefix tokens,
+    register tokens, patches]`; only prefix tokens and patches have position rows.
 
     Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
     one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the step-2 encoder.
@@ -447,24 +510,33 @@ class WeakTrModel(WeakTrPreTrainedModel):
                  position_interpolation: str = "bilinear"):  # fmt: skip
         super().__init__(config)
         self.num_prefix_tokens = num_prefix_tokens
+        self.num_register_tokens = config.num_register_tokens
         self.grid_size = config.image_grid
         self.position_interpolation = config.position_embedding_interpolation or position_interpolation
         num_patches = self.grid_size[0] * self.grid_size[1]
 
         self.patch_embed = WeakTrPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, num_prefix_tokens, config.hidden_size))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, config.hidden_size))
+        registers = config.num_register_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, registers, config.hidden_size)) if registers else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, config.hidden_size))
+            if config.use_absolute_position_embeddings
+            else None
+        )
         self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
         # Stochastic depth grows linearly with depth, as in DeiT. Computed on the CPU whatever the default device, so
         # that building the model under `torch.device("meta")` (empty-weights loading) works.
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
+        gated_mlp = partial(WeakTrGatedMLP, norm_eps=config.layer_norm_eps if config.use_mlp_norm else None)
         self.blocks = nn.ModuleList(
             WeakTrLayer(
                 config, config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
                 config.layer_norm_eps, config.qkv_bias, config.hidden_dropout_prob,
                 config.attention_probs_dropout_prob, rate,
-                mlp_layer=WeakTrGatedMLP if config.use_gated_mlp else WeakTrMLP,
+                mlp_layer=gated_mlp if config.use_gated_mlp else WeakTrMLP,
                 layerscale_value=config.layerscale_value, key_bias=config.key_bias,
+                rotate=ROPE_ROTATIONS[config.rope_type],
             )  # fmt: skip
             for rate in rates
         )
@@ -487,8 +559,16 @@ class WeakTrModel(WeakTrPreTrainedModel):
                 "table to the input. Pass images of config.image_size, or drop interpolate_pos_encoding=False."
             )
 
+    @property
+    def num_leading_tokens(self):
+        """Tokens before the first patch: the prefix tokens and the registers."""
+        return self.num_prefix_tokens + self.num_register_tokens
+
     def interpolate_pos_encoding(self, grid):
-        """The position table for an input of `grid = (rows, cols)` patches (unchanged for the training grid)."""
+        """The position table for an input of `grid = (rows, cols)` patches (unchanged for the training grid); None
+        for an encoder without one (DINOv3)."""
+        if self.pos_embed is None:
+            return None
         prefix = self.pos_embed[:, : self.num_prefix_tokens]
         patches = resize_position_embeddings(
             self.pos_embed[:, self.num_prefix_tokens :], self.grid_size, grid, self.position_interpolation
@@ -498,7 +578,9 @@ class WeakTrModel(WeakTrPreTrainedModel):
     def rotary_embeddings(self, grid, device):
         """The 2-D rotary table `(cos, sin)` for `grid = (rows, cols)` patches (see `build_2d_rope`)."""
         config = self.config
-        return build_2d_rope(grid, config.head_dim, config.rope_theta, config.rope_reference_grid, device)
+        return build_2d_rope(
+            grid, config.head_dim, config.rope_theta, config.rope_reference_grid, device, config.rope_type
+        )
 
     def forward(
         self,
@@ -525,8 +607,13 @@ class WeakTrModel(WeakTrPreTrainedModel):
         patches = self.patch_embed(pixel_values)
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
         self._check_unsupported_inputs(kwargs, grid)
-        prefix = self.cls_token.expand(patches.shape[0], -1, -1)
-        hidden_states = torch.cat([prefix, patches], dim=1) + self.interpolate_pos_encoding(grid)
+        batch_size = patches.shape[0]
+        hidden_states = torch.cat([self.cls_token.expand(batch_size, -1, -1), patches], dim=1)
+        if self.pos_embed is not None:
+            hidden_states = hidden_states + self.interpolate_pos_encoding(grid)
+        if self.reg_token is not None:  # registers go between the prefix tokens and the patches, without positions
+            prefix, patches = hidden_states.split([self.num_prefix_tokens, patches.shape[1]], dim=1)
+            hidden_states = torch.cat([prefix, self.reg_token.expand(batch_size, -1, -1), patches], dim=1)
         hidden_states = self.pos_drop(hidden_states)
         position_embeddings = self.rotary_embeddings(grid, pixel_values.device) if self.config.use_rope else None
 
@@ -672,19 +759,20 @@ class WeakTrForCAM(WeakTrPreTrainedModel):
             **kwargs,
         )
         num_classes = self.num_labels
+        first_patch = self.weaktr.num_leading_tokens  # class tokens, then registers (left out of the CAMs)
         batch_size = pixel_values.shape[0]
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
         tokens = outputs.last_hidden_state
 
         logits = tokens[:, :num_classes].mean(dim=-1)
         # Contiguous like the authors' input to the conv, so the same conv kernel runs (bitwise-equal CAMs).
-        patch_map = tokens[:, num_classes:].transpose(1, 2).reshape(batch_size, -1, *grid).contiguous()
+        patch_map = tokens[:, first_patch:].transpose(1, 2).reshape(batch_size, -1, *grid).contiguous()
         coarse_cam = self.head(patch_map)
         coarse_logits = coarse_cam.mean(dim=(2, 3))
 
         fused, head_weights = self.adaptive_attention_fusion(outputs.attentions, outputs.attention_outputs)
-        cross_attention = fused[:, :num_classes, num_classes:].reshape(batch_size, num_classes, *grid)
-        patch_attention = fused[:, num_classes:, num_classes:]
+        cross_attention = fused[:, :num_classes, first_patch:].reshape(batch_size, num_classes, *grid)
+        patch_attention = fused[:, first_patch:, first_patch:]
         cams = cross_attention * F.relu(coarse_cam.detach())
         fine_cam = torch.bmm(cams.flatten(2), patch_attention.transpose(1, 2)).view_as(cams)
         if self.config.fine_cam_scale != 1.0:
@@ -949,7 +1037,7 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             **kwargs,
         )
         logits, decoder_attentions, aux_logits = self.decoder(
-            outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions,
+            outputs.last_hidden_state[:, self.weaktr.num_leading_tokens :], grid, output_attentions=output_attentions,
             output_aux_logits=output_aux_logits,
         )  # fmt: skip
 
