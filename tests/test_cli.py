@@ -152,3 +152,21 @@ def test_own_preset_print_config_states_its_rules(capsys):
         assert config[key] == pytest.approx(voc[key]), key
     with pytest.raises(RecipeError, match="needs --dataset_path"):
         parse_args(["--preset", "own-deit-s", "--backbone", "deit_small_patch16_224"])
+
+
+def test_encoder_names_are_the_configs_variants():
+    from weaktr_hf.configuration_weaktr import ENCODER_VARIANTS
+    from weaktr_hf.recipes import ENCODER_NAMES
+
+    assert set(ENCODER_NAMES) == set(ENCODER_VARIANTS)
+
+
+def test_only_non_paper_backbones_read_their_config_from_timm(tmp_path):
+    from weaktr_hf.stages import reads_timm_config
+
+    assert not reads_timm_config("deit_small_patch16_224")  # the paper presets' step 1 keeps the recipe's encoder
+    assert not reads_timm_config("eva02_small_patch14_224.mim_in22k")  # the authors' step-2 backbones too
+    assert reads_timm_config("vit_base_patch16_dinov3.lvd1689m") and reads_timm_config(str(tmp_path))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    assert not reads_timm_config(str(tmp_path / "weights.safetensors"))
+    assert reads_timm_config(str(tmp_path / "weights.safetensors"), arch="vit_small_patch16_dinov3")

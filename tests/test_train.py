@@ -417,3 +417,22 @@ def test_step2_trains_on_a_local_eva02_backbone_file(script, finished_run, tmp_p
 def test_step2_encoder_other_than_vit_cannot_start_from_the_cam_encoder(script, capsys):
     with pytest.raises(script.RecipeError, match="--seg_init cam starts step 2 from the step-1 encoder"):
         script.parse_args(["--seg_encoder", "dinov2", "--seg_init", "cam"])
+
+
+def test_a_local_dinov3_style_timm_folder_is_the_backbone_of_both_steps(script, tmp_path):
+    """`--backbone DIR --seg_backbone DIR` with a folder saved by timm (config.json + model.safetensors): the encoder's
+    config (4 registers, DINOv3 rotary embedding, no position table) is read from timm for both steps, and all four
+    stages run."""
+    import timm
+
+    dinov3 = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                               depth=2, num_heads=2)  # fmt: skip
+    timm.models.save_for_hf(dinov3, str(tmp_path / "dinov3"), safe_serialization=True)
+    run = tmp_path / "run"
+    results = script.main(["--output_dir", str(run), *TINY, "--backbone", str(tmp_path / "dinov3"), "--seg_backbone",
+                           str(tmp_path / "dinov3"), "--seg_init", "backbone"])  # fmt: skip
+    assert results["seg_val_miou"] is not None and results["pseudo_labels_written_per_process"] == [NUM_TRAIN]
+    for name, model_class in (("cam", WeakTrForCAM), ("seg", WeakTrForSemanticSegmentation)):
+        config = model_class.from_pretrained(run / name).config
+        assert config.num_register_tokens == 4 and config.rope_type == "dinov3", name
+        assert not config.use_absolute_position_embeddings and config.patch_size == 8, name

@@ -11,7 +11,7 @@ import os
 
 STAGES = ("cam", "pseudo", "seg", "eval")
 CAM_NAMES = ("coarse_cam", "fine_cam", "cross_attention")
-ENCODER_NAMES = ("dinov2", "eva02", "vit")  # the step-2 block layouts (weaktr_hf.configuration_weaktr.ENCODER_VARIANTS)
+ENCODER_NAMES = ("dinov2", "dinov3", "eva02", "vit")  # the step-2 block layouts (weaktr_hf.configuration_weaktr.ENCODER_VARIANTS)
 # timm's ImageNet statistics (timm.data.constants IMAGENET_DEFAULT_MEAN / _STD).
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -213,8 +213,20 @@ OWN_DATA = dict(
     seg_target_train_updates=AUTHORS_STEP2_UPDATES, seg_max_train_epochs=500,
     eval_without_masks="predict",
 )  # fmt: skip
+# Past the paper: step 2 on DINOv3 (Simeoni et al. 2025; not in the authors' code, so not a paper recipe). Step 1
+# stays DeiT-S as in the authors' recipe; the step-2 encoder's config (registers, rotary embedding) is read from timm
+# (weaktr_hf.timm_backbone.prepare_timm_backbone) and the decoder follows its width as the authors' Segmenter does
+# for base sizes (OR/model/factory.py:119-125). DINOv3's LVD-1689M weights were trained with ImageNet's statistics.
+DINOV3_STEP2 = {
+    "dinov3-s": dict(seg_backbone="vit_small_patch16_dinov3.lvd1689m", seg_encoder="dinov3",
+                     seg_image_mean=IMAGENET_DEFAULT_MEAN, seg_image_std=IMAGENET_DEFAULT_STD),
+    "dinov3-b": dict(seg_backbone="vit_base_patch16_dinov3.lvd1689m", seg_encoder="dinov3",
+                     seg_image_mean=IMAGENET_DEFAULT_MEAN, seg_image_std=IMAGENET_DEFAULT_STD),
+}  # fmt: skip
+for _backbone, _step2 in DINOV3_STEP2.items():
+    PRESETS[f"voc12-{_backbone}"] = dict(PRESETS["voc12-deit-s"], **_step2)
 PRESETS["own-deit-s"] = dict(PRESETS["voc12-deit-s"], **OWN_DATA)
-for _backbone, _step2 in STEP2_BACKBONES.items():
+for _backbone, _step2 in {**STEP2_BACKBONES, **DINOV3_STEP2}.items():
     PRESETS[f"own-{_backbone}"] = dict(PRESETS["own-deit-s"], **_step2)
 
 FALLBACKS = dict(
@@ -222,7 +234,7 @@ FALLBACKS = dict(
     dataloader_num_workers=0, checkpoints_total_limit=2, logging_steps=10, max_train_steps=None,
     seg_max_train_steps=None, num_visualizations=4, crf="voc12", use_gradient_clipping=True, backbone=None,
     seg_backbone=None, seg_encoder="vit", seg_intermediate_size=None, seg_backbone_interpolation=None,
-    cam_model_name_or_path=None, num_threads=None,
+    cam_model_name_or_path=None, num_threads=None, backbone_arch=None, seg_backbone_arch=None,
     # Package defaults where the authors' recipe is not the point (the demo): a per-update cosine from 0 to 0 and a
     # poly decay to 0, decay-free biases and tokens, scales applied to the native image, no eval CRF or ensemble.
     cam_lr_schedule="step", warmup_learning_rate=0.0, min_learning_rate=0.0, decay_all_parameters=False,
@@ -266,6 +278,7 @@ def apply_preset(args):
             )
         args.checkpointing_steps = int(args.checkpointing_steps)
     args.seg_backbone = args.seg_backbone or args.backbone
+    args.seg_backbone_arch = args.seg_backbone_arch or args.backbone_arch
     if args.seg_init == "cam" and args.seg_encoder != "vit":
         raise RecipeError(f"--seg_init cam starts step 2 from the step-1 encoder, a plain ViT; --seg_encoder "
                           f"{args.seg_encoder} needs --seg_init backbone (its pretrained weights) or scratch.")  # fmt: skip

@@ -52,7 +52,7 @@ from .selection import (
     CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss, mask_selection_record,
     threshold_for_cam,
 )  # fmt: skip
-from .timm_backbone import load_timm_backbone
+from .timm_backbone import PRETRAINED_BACKBONES, load_timm_backbone, prepare_timm_backbone
 from .training import (
     SeededTransformDataset,
     TrainState,
@@ -222,13 +222,26 @@ def seg_model_config(args, id2label):
     )  # fmt: skip
 
 
+def reads_timm_config(source, arch=None):
+    """Whether a backbone's encoder config is read from timm (`weaktr_hf.timm_backbone.prepare_timm_backbone`): a
+    folder saved by timm, a weights file with `--backbone_arch`, or a timm name other than the paper's (DeiT names
+    and the authors' step-2 backbones keep the recipe's encoder and their documented loading)."""
+    if not source:
+        return False
+    if arch or os.path.isdir(str(source)):
+        return True
+    name = str(source)
+    return not os.path.isfile(name) and name not in PRETRAINED_BACKBONES and not name.startswith("deit_")
+
+
 def encoder_state_from_cam(cam_model):
     """The step-1 encoder in timm layout with one [CLS] token (the mean of the class tokens), to start step 2 from."""
     state = {key: value for key, value in cam_model.weaktr.state_dict().items()}
     num_classes = cam_model.config.num_labels
     state["cls_token"] = state["cls_token"].mean(dim=1, keepdim=True)
-    pos = state["pos_embed"]
-    state["pos_embed"] = torch.cat([pos[:, :num_classes].mean(dim=1, keepdim=True), pos[:, num_classes:]], dim=1)
+    if "pos_embed" in state:
+        pos = state["pos_embed"]
+        state["pos_embed"] = torch.cat([pos[:, :num_classes].mean(dim=1, keepdim=True), pos[:, num_classes:]], dim=1)
     return state
 
 
@@ -322,6 +335,16 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     train = split(dataset, args.train_split)
     if args.cam_model_name_or_path:
         model = WeakTrForCAM.from_pretrained(args.cam_model_name_or_path)
+    elif reads_timm_config(args.backbone, args.backbone_arch):
+        # Any supported timm backbone (DINOv3, DINOv2 with registers, EVA-02, DeiT-III, any size): the encoder's
+        # config is read from the timm model; the recipe sets the rest.
+        backbone = prepare_timm_backbone(args.backbone, "cam", arch=args.backbone_arch)
+        fields = {k: v for k, v in backbone.config_fields.items() if k not in ("image_size", "layer_norm_eps")}
+        model = WeakTrForCAM(model_config(args, foreground_id2label(class_names), args.cam_image_size,
+                                          backbone.config_fields["layer_norm_eps"], **fields))  # fmt: skip
+        if args.cam_head_init == "pytorch":
+            reset_cam_head_to_pytorch_init(model)
+        load_timm_backbone(model, backbone.model)
     else:
         model = WeakTrForCAM(
             model_config(args, foreground_id2label(class_names), args.cam_image_size, args.layer_norm_eps)
@@ -544,16 +567,33 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
 def seg_stage(args, accelerator, dataset, class_names, results):
     """Step 2: train the segmenter on the pseudo-labels (gradient clipping on), save it with its processor."""
     train = pseudo_label_dataset(split(dataset, args.train_split), os.path.join(args.output_dir, "pseudo_labels"))
-    model = WeakTrForSemanticSegmentation(seg_model_config(args, segmentation_id2label(class_names)))
-    if args.seg_init == "backbone":
+    from_timm = args.seg_init == "backbone" and reads_timm_config(args.seg_backbone, args.seg_backbone_arch)
+    if from_timm:
+        backbone = prepare_timm_backbone(args.seg_backbone, "segmentation", arch=args.seg_backbone_arch)
+        fields = {k: v for k, v in backbone.config_fields.items() if k not in ("image_size", "layer_norm_eps")}
+        model = WeakTrForSemanticSegmentation(model_config(
+            args, segmentation_id2label(class_names), args.seg_image_size, backbone.config_fields["layer_norm_eps"],
+            **fields))  # fmt: skip
+        load_timm_backbone(model, backbone.model, position_interpolation=args.seg_backbone_interpolation)
+    else:
+        model = WeakTrForSemanticSegmentation(seg_model_config(args, segmentation_id2label(class_names)))
+    if args.seg_init == "backbone" and not from_timm:
         report = load_timm_backbone(model, args.seg_backbone, position_interpolation=args.seg_backbone_interpolation)
         logger.info("Step-2 backbone %s: %d tensors loaded, unused %s", args.seg_backbone, len(report.loaded_keys),
                     report.unused_keys)  # fmt: skip
-    elif args.seg_init == "cam":
+    if args.seg_init == "cam":
         cam_model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam"))
+        layout = ("encoder_variant", "num_register_tokens", "use_absolute_position_embeddings", "hidden_size",
+                  "num_hidden_layers", "patch_size")  # fmt: skip
+        different = [k for k in layout if getattr(cam_model.config, k, None) != getattr(model.config, k, None)]
+        if different:
+            raise ValueError(
+                f"--seg_init cam starts step 2 from the step-1 encoder, but that encoder differs from step 2's in "
+                f"{different}: use --seg_init backbone with --seg_backbone (the same timm backbone), or scratch."
+            )
         load_timm_backbone(model, encoder_state_from_cam(cam_model), strict=False)
     processor = WeakTrImageProcessor(size={"height": args.seg_image_size, "width": args.seg_image_size},
-                                     size_divisor=args.patch_size, image_mean=list(args.seg_image_mean),
+                                     size_divisor=model.config.patch_size, image_mean=list(args.seg_image_mean),
                                      image_std=list(args.seg_image_std))  # fmt: skip
     transform = SegmentationTrainTransform(
         crop_size=args.seg_crop_size, base_size=args.seg_base_size, max_ratio=args.seg_max_ratio,
