@@ -6,7 +6,7 @@ import PIL.Image
 import pytest
 
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrImageProcessor
-from weaktr_hf.predict import main, output_names
+from weaktr_hf.predict import main, output_names, run
 from weaktr_hf.visualization import load_label_png
 
 
@@ -44,7 +44,7 @@ def test_predict_writes_one_png_per_readable_image_reports_bad_ones_and_resumes(
     command = ["--model", str(saved_models[0]), "--images", str(tmp_path / "photos"), "--output_dir", str(out),
                "--overlays", "--scales", "1.0", "1.25", "--flip", "--window_size", "16", "--window_stride", "8"]  # fmt: skip
 
-    report = main(command)
+    report = run(command)
 
     assert report["written"] == len(expected) and report["unreadable"] == [str(tmp_path / "photos" / "broken.png")]
     assert "1 unreadable: " in capsys.readouterr().out
@@ -59,7 +59,7 @@ def test_predict_writes_one_png_per_readable_image_reports_bad_ones_and_resumes(
     )
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
 
-    again = main(command)
+    again = run(command)
 
     assert again["written"] == 0 and again["done"] == len(expected)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
@@ -71,7 +71,7 @@ def test_predict_with_a_cam_model_writes_masks_and_cams_from_a_glob(saved_models
 
     # A class threshold of 0 makes every class present, so each image gets one CAM picture per class; the dense CRF
     # of the pseudo-labels refines the masks.
-    report = main(["--model", str(saved_models[1]), "--images", str(tmp_path / "photos" / "*.jpg"), "--output_dir",
+    report = run(["--model", str(saved_models[1]), "--images", str(tmp_path / "photos" / "*.jpg"), "--output_dir",
                    str(out), "--save_cams", "--class_threshold", "0", "--cam", "coarse_cam", "--crf", "voc12"])  # fmt: skip
 
     assert report["written"] == 2 and not report["unreadable"]

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -440,12 +441,17 @@ class WeakTrModel(WeakTrPreTrainedModel):
     input's grid and handed to every layer.
 
     Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
-    one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the step-2 encoder.
+    one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the encoder of the saved
+    model: by default a config saved by a `WeakTrForCAM` (its `architectures`) gives the step-1 layout, any other the
+    step-2 one.
     """
 
-    def __init__(self, config: WeakTrConfig, num_prefix_tokens: int = 1, use_final_norm: bool = True,
+    def __init__(self, config: WeakTrConfig, num_prefix_tokens: int | None = None, use_final_norm: bool | None = None,
                  position_interpolation: str = "bilinear"):  # fmt: skip
         super().__init__(config)
+        step1 = "WeakTrForCAM" in (config.architectures or [])
+        num_prefix_tokens = (config.num_labels if step1 else 1) if num_prefix_tokens is None else num_prefix_tokens
+        use_final_norm = (not step1) if use_final_norm is None else use_final_norm
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = config.image_grid
         self.position_interpolation = config.position_embedding_interpolation or position_interpolation
@@ -915,6 +921,7 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_aux_logits: bool = False,
+        use_auxiliary_ensemble: bool | None = None,
         **kwargs,
     ) -> WeakTrSemanticSegmenterOutput | tuple:
         r"""
@@ -923,6 +930,9 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         output_aux_logits (`bool`, *optional*, defaults to `False`):
             Also return `aux_logits`: the tokens before the last decoder block decoded by the same head (shape and
             resolution of `logits`). The authors' evaluation adds 0.8 x their softmax to that of `logits`.
+        use_auxiliary_ensemble (`bool`, *optional*):
+            Return as `logits` the log of the ensemble probabilities of `config.auxiliary_ensemble_weight` (default:
+            when that weight is > 0 and no `labels` are given); `False` gives the final decoder output alone.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -940,10 +950,19 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        weight = self.config.auxiliary_ensemble_weight
+        if use_auxiliary_ensemble is None:
+            use_auxiliary_ensemble = weight > 0 and labels is None
         logits, decoder_attentions, aux_logits = self.decoder(
             outputs.last_hidden_state[:, 1:], grid, output_attentions=output_attentions,
-            output_aux_logits=output_aux_logits,
+            output_aux_logits=output_aux_logits or use_auxiliary_ensemble,
         )  # fmt: skip
+        if use_auxiliary_ensemble:
+            if labels is not None:
+                raise ValueError("use_auxiliary_ensemble is for inference; the loss is on the final decoder output.")
+            probabilities = (logits.float().softmax(1) + weight * aux_logits.float().softmax(1)) / (1.0 + weight)
+            logits = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log().to(logits.dtype)
+            aux_logits = aux_logits if output_aux_logits else None
 
         loss = None
         if labels is not None:
@@ -978,6 +997,13 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         return labels
 
 
+# The image-segmentation pipeline checks the model's class name against transformers' own name tables, which models
+# added with `register` do not reach, and logs "The model ... is not supported" for them. Listing the name here (the
+# Auto classes never read this table for "weaktr", not one of transformers' config types) silences that wherever
+# this file is imported, also as remote code where weaktr-hf is not installed.
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("weaktr", WeakTrForSemanticSegmentation.__name__)
+
+
 __all__ = [
     "WeakTrCAMOutput",
     "WeakTrForCAM",
@@ -991,3 +1017,4 @@ __all__ = [
     "semantic_segmentation_loss",
     "upsample_logits",
 ]
+
