@@ -2,13 +2,19 @@
 uploaded (to `repo_id` and `repo_id-cam`) with a card that parses with huggingface_hub and holds the run's metrics,
 and a run that scored nothing says so. The Hub client is a local stand-in: nothing reaches the network."""
 
+from pathlib import Path
+
 import huggingface_hub
 import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalTokenNotFoundError
 
-from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrImageProcessor
-from weaktr_hf import hub
+from weaktr_hf import (
+    WeakTrForCAM,
+    WeakTrForSemanticSegmentation,
+    WeakTrImageProcessor,
+    hub,
+)
 from weaktr_hf.image_processing_weaktr import evaluation_processor
 
 
@@ -28,7 +34,7 @@ class StandInApi:
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
-        self.uploads[repo_id] = {path.name: path.read_bytes() for path in __import__("pathlib").Path(folder_path).iterdir()}
+        self.uploads[repo_id] = {path.name: path.read_bytes() for path in Path(folder_path).iterdir()}
 
 
 @pytest.fixture
@@ -52,6 +58,8 @@ def test_missing_token_and_bad_repo_id_are_named(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(hub.HubSetupError, match="no Hugging Face token"):
         hub.prepare_hub_repos("someone/x", api=StandInApi(whoami_error=LocalTokenNotFoundError("no token")))
+    with pytest.raises(hub.HubSetupError, match="cannot be reached"):
+        hub.prepare_hub_repos("someone/x", api=StandInApi(whoami_error=ConnectionError("Connection refused")))
     with pytest.raises(hub.HubSetupError, match="not a valid repository id"):
         hub.prepare_hub_repos("someone/x y", api=StandInApi())
     api = StandInApi()

@@ -12,12 +12,14 @@
 """
 
 import logging
+import math
 import os
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ CITATION = """@article{zhu2023weaktr,
 # How a reader of a card gets the package.
 INSTALL_COMMAND = "pip install weaktr-hf"
 CONVERTED_LICENSE = "mit"  # the authors' release (github.com/hustvl/WeakTr) is MIT-licensed
+# What the Hub client raises for a missing or refused token, a failed request or no network (connection errors and
+# offline mode are OSErrors).
+HUB_ERRORS = (LocalTokenNotFoundError, HfHubHTTPError, OSError, ValueError)
 
 
 class HubSetupError(RuntimeError):
@@ -66,14 +71,14 @@ def prepare_hub_repos(repo_ids, token=None, private=None, api=None):
     api = api or HfApi(token=token)
     try:
         user = api.whoami(token=token)
-    except Exception as error:  # LocalTokenNotFoundError, HTTP 401, connection errors... all end the run here
+    except HUB_ERRORS as error:
         raise HubSetupError(f"cannot push to the Hub: {_hub_failure(error)}") from None
     created = []
     for repo_id in repo_ids:
         full_id = repo_id if "/" in repo_id else f"{user['name']}/{repo_id}"
         try:
             api.create_repo(repo_id=full_id, private=private, exist_ok=True, repo_type="model")
-        except Exception as error:
+        except HUB_ERRORS as error:
             raise HubSetupError(f"cannot create or use the Hub repository {full_id!r}: {_hub_failure(error)}") from None
         created.append(full_id)
     return created
@@ -129,13 +134,11 @@ def model_card(text, pipeline_tag, license=None, base_model=None, datasets=None,
             (written as given); they become the `model-index`.
         reported_by: `(source_name, source_url)` when the metrics are another's (a paper's), not measured here.
     """
+    source_name, source_url = reported_by or (None, None)
     results = [
-        EvalResult(
-            task_type="image-segmentation", task_name="Semantic segmentation", dataset_type=dataset_type,
-            dataset_name=dataset_name, dataset_split=split, metric_type="mean_iou", metric_name=metric_name,
-            metric_value=value, source_name=reported_by[0] if reported_by else None,
-            source_url=reported_by[1] if reported_by else None,
-        )  # fmt: skip
+        EvalResult(task_type="image-segmentation", task_name="Semantic segmentation", dataset_type=dataset_type,
+                   dataset_name=dataset_name, dataset_split=split, metric_type="mean_iou", metric_name=metric_name,
+                   metric_value=value, source_name=source_name, source_url=source_url)
         for metric_name, value, dataset_name, dataset_type, split in metrics
     ]
     data = ModelCardData(
@@ -233,7 +236,7 @@ def measured_rows(results, segmenter):
     rows = []
     for key, label, split in SEGMENTER_RESULTS if segmenter else CAM_RESULTS:
         value = results.get(key)
-        if isinstance(value, (int, float)) and value == value:
+        if isinstance(value, (int, float)) and math.isfinite(value):
             rows.append((label, float(value), split))
     return rows
 

@@ -407,6 +407,14 @@ class WeakTrPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does; a model saved with its code also names its encoder for `AutoModel` in the
+        config's `auto_map`, so `AutoModel` loads the encoder of either step where weaktr-hf is not installed."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    "AutoModel": "modeling_weaktr.WeakTrModel"}  # fmt: skip
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         """Truncated-normal linear/conv weights and zero biases, as timm's ViT initialisation."""
         std = self.config.initializer_range
@@ -442,16 +450,17 @@ class WeakTrModel(WeakTrPreTrainedModel):
 
     Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
     one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the encoder of the saved
-    model: by default a config saved by a `WeakTrForCAM` (its `architectures`) gives the step-1 layout, any other the
-    step-2 one.
+    model: by default a config saved by a `WeakTrForCAM` (its `architectures`) gives the step-1 layout (prefix tokens,
+    norm, position-table resize), any other the step-2 one.
     """
 
     def __init__(self, config: WeakTrConfig, num_prefix_tokens: int | None = None, use_final_norm: bool | None = None,
-                 position_interpolation: str = "bilinear"):  # fmt: skip
+                 position_interpolation: str | None = None):  # fmt: skip
         super().__init__(config)
         step1 = "WeakTrForCAM" in (config.architectures or [])
         num_prefix_tokens = (config.num_labels if step1 else 1) if num_prefix_tokens is None else num_prefix_tokens
         use_final_norm = (not step1) if use_final_norm is None else use_final_norm
+        position_interpolation = position_interpolation or ("bicubic_scale_factor" if step1 else "bilinear")
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = config.image_grid
         self.position_interpolation = config.position_embedding_interpolation or position_interpolation
