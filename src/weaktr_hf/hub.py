@@ -68,7 +68,7 @@ def prepare_hub_repos(repo_ids, token=None, private=None, api=None):
     if constants.HF_HUB_OFFLINE:
         raise HubSetupError("cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1); unset it, or train "
                             "without --push_to_hub and upload the folders later.")  # fmt: skip
-    api = api or HfApi(token=token)
+    api = api or (HfApi(token=token) if token else HfApi())
     try:
         user = api.whoami(token=token)
     except HUB_ERRORS as error:
@@ -245,7 +245,7 @@ def push_folder_to_hub(folder, repo_id, token=None, private=None, commit_message
     """Create `repo_id` (if needed) and upload `folder` (model, processor, README.md) to it. Returns the commit info."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} has no config.json; push a folder written by save_pretrained.")
-    api = api or HfApi(token=token)
+    api = api or (HfApi(token=token) if token else HfApi())
     repo_url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     logger.info("Uploading %s to %s", folder, repo_url)
     return api.upload_folder(
