@@ -2,6 +2,7 @@
 reported and skipped, finished images not redone; the segmenter and the CAM model, on tiny random-weight models."""
 
 import json
+import sys
 
 import numpy as np
 import PIL.Image
@@ -135,10 +136,11 @@ def test_a_cam_model_uses_the_runs_choice_unless_a_flag_overrides(saved_models, 
     assert json.loads((out / "predict_record.json").read_text())["cam_threshold"] == 0.6
 
 
-def test_the_command_exits_0_and_a_usage_error_is_one_line_with_status_2(saved_models, tmp_path, capsys):
+def test_the_command_exits_0_and_a_usage_error_is_one_line_with_status_2(saved_models, tmp_path, capsys, monkeypatch):
     image_folder(tmp_path / "photos")
-    assert main(["--model", str(saved_models[0]), "--images", str(tmp_path / "photos"), "--output_dir",
-                 str(tmp_path / "masks")]) is None  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["weaktr-predict", "--model", str(saved_models[0]), "--images",
+                                      str(tmp_path / "photos"), "--output_dir", str(tmp_path / "masks")])  # fmt: skip
+    assert main() is None  # the console script's sys.exit(main()) exits 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main(["--model", str(saved_models[0]), "--images", str(tmp_path / "nothing-here"), "--output_dir",

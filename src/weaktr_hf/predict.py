@@ -344,13 +344,15 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """The `weaktr-predict` command: exit status 0 on success; a usage error prints one line and exits 2."""
+    """The `weaktr-predict` command: a usage error prints one line and exits 2. As the command (no `argv`) it returns
+    None, so the exit status is 0 on success; called from Python with an argument list it returns `run`'s summary."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     try:
-        run(argv)
+        summary = run(argv)
     except PredictError as error:
         print(f"weaktr-predict: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    return None if argv is None else summary
 
 
 if __name__ == "__main__":
