@@ -3,9 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from weaktr_hf import WeakTrForSemanticSegmentation, clip_pixel_losses, semantic_segmentation_loss, upsample_logits
+from weaktr_hf import (
+    WeakTrForCAM,
+    WeakTrForSemanticSegmentation,
+    clip_pixel_losses,
+    semantic_segmentation_loss,
+    upsample_logits,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -365,3 +372,38 @@ def test_tiny_model_overfits_four_synthetic_scenes(tester):
     assert losses[-1] < 0.5 * losses[0], losses
     assert accuracy_before < 0.5, accuracy_before
     assert accuracy_after > 0.95, accuracy_after
+
+
+def test_auxiliary_ensemble_weight_puts_the_decoder_ensemble_in_the_logits(tester):
+    """config.auxiliary_ensemble_weight w: logits without labels are log((P + w P_aux) / (1 + w)); training and
+    `use_auxiliary_ensemble=False` keep the final decoder output."""
+    torch.manual_seed(0)
+    plain = WeakTrForSemanticSegmentation(tester.get_segmentation_config()).eval()
+    ensemble = WeakTrForSemanticSegmentation(tester.get_segmentation_config(auxiliary_ensemble_weight=0.8)).eval()
+    ensemble.load_state_dict(plain.state_dict())
+    pixel_values = tester.prepare_pixel_values(2, 40, 24)
+    with torch.no_grad():
+        heads = plain(pixel_values, output_aux_logits=True)
+        mixed = ensemble(pixel_values).logits
+        final = ensemble(pixel_values, use_auxiliary_ensemble=False).logits
+    expected = (heads.logits.softmax(1) + 0.8 * heads.aux_logits.softmax(1)) / 1.8
+    torch.testing.assert_close(mixed.exp(), expected)
+    torch.testing.assert_close(final, heads.logits)
+    labels = torch.zeros(2, 40, 24, dtype=torch.long)
+    torch.testing.assert_close(ensemble(pixel_values, labels=labels).loss, plain(pixel_values, labels=labels).loss)
+    with pytest.raises(ValueError, match="auxiliary_ensemble_weight"):
+        tester.get_segmentation_config(auxiliary_ensemble_weight=-1.0)
+
+
+def test_auto_model_loads_the_encoder_of_a_saved_step1_model(tester, tmp_path):
+    """A step-1 folder's config names WeakTrForCAM: AutoModel builds its layout (one prefix token per class, no final
+    norm) and loads every encoder weight."""
+    cam = WeakTrForCAM(tester.get_config()).eval()
+    cam.save_pretrained(tmp_path)
+    encoder, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert encoder.num_prefix_tokens == cam.config.num_labels and encoder.norm is None
+    pixel_values = tester.prepare_pixel_values(1, 24, 40)  # another grid: the step-1 position-table resize
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixel_values).last_hidden_state,
+                                   cam.weaktr(pixel_values).last_hidden_state)  # fmt: skip

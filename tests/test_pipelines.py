@@ -8,7 +8,14 @@ from transformers import AutoImageProcessor, pipeline
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from weaktr_hf import WeakTrForSemanticSegmentation, WeakTrImageProcessor, upsample_logits
+from weaktr_hf import (
+    WeakTrForSemanticSegmentation,
+    WeakTrImageProcessor,
+    inference,
+    upsample_logits,
+)
+from weaktr_hf.data.synthetic import load_synthetic
+from weaktr_hf.image_processing_weaktr import evaluation_processor
 
 
 @pytest.fixture
@@ -85,3 +92,36 @@ def test_pipeline_on_a_saved_folder_never_asks_to_run_remote_code(saved_segmente
     folder, _ = saved_segmenter
     monkeypatch.setattr("builtins.input", lambda *args: pytest.fail(f"the pipeline prompted: {args}"))
     assert isinstance(pipeline("image-segmentation", model=str(folder)).image_processor, WeakTrImageProcessor)
+
+
+def pipeline_label_map(segmenter, image, label2id):
+    """The pipeline's masks as one (H, W) label map."""
+    label_map = torch.full((image.height, image.width), -1)
+    for segment in segmenter(image):
+        label_map[torch.from_numpy(np.array(segment["mask"]) > 0)] = label2id[segment["label"]]
+    return label_map
+
+
+@pytest.mark.parametrize("ensemble", [0.0, 0.8])
+def test_pipeline_gives_the_eval_stages_single_scale_prediction(tester, tmp_path, ensemble):
+    """With the evaluation processor (resize to the base size, passes below the minimum upsampled, windows) and the
+    decoder ensemble in the config, the pipeline's masks are `segment`'s at one scale on the synthetic validation
+    images and on drawn 500 x 375 ones: equal without the ensemble, on >= 99% of pixels with it (windows then
+    average the ensemble's log-probabilities where `segment` averages each head's logits)."""
+    torch.manual_seed(0)
+    model = WeakTrForSemanticSegmentation(tester.get_segmentation_config(auxiliary_ensemble_weight=ensemble)).eval()
+    model.save_pretrained(tmp_path)
+    geometry = {"window_size": 32, "window_stride": 24, "base_size": 40, "min_size": 36}
+    evaluation_processor(patch_size=8, **geometry).save_pretrained(tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    native = WeakTrImageProcessor(do_resize=False)
+    images = list(load_synthetic("val", num_classes=3, image_size=64, num_val=6)["image"])
+    images += [random_image(375, 500, seed) for seed in range(3)]
+    agree = total = 0
+    for image in images:
+        expected = inference.segment(model, native(image, return_tensors="pt").pixel_values, **geometry)[0].argmax(0)
+        predicted = pipeline_label_map(segmenter, image, model.config.label2id)
+        agree, total = agree + (predicted == expected).sum().item(), total + expected.numel()
+        if ensemble == 0.0:
+            assert torch.equal(predicted, expected)
+    assert agree / total >= 0.99

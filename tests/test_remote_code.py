@@ -1,4 +1,6 @@
-"""Saved folders load with `trust_remote_code=True` in a Python where weaktr_hf cannot be imported.
+"""Saved folders load with `trust_remote_code=True` in a Python where weaktr_hf cannot be imported: the models through
+the Auto classes (`AutoModel` too, on a step-1 folder), the image processor, and the image-segmentation pipeline,
+which gives the masks of the pipeline with the package installed, with no prompt and no warning.
 
 The loading runs in a subprocess started with `-I -S`: no PYTHONPATH, no current directory, and no `.pth` files, so
 neither `PYTHONPATH=src` nor an editable install (`pip install -e .`, which works through `.pth` files) reaches it.
@@ -13,10 +15,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
+from transformers import pipeline
 
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
+from weaktr_hf.image_processing_weaktr import evaluation_processor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,9 +58,25 @@ CHILD = textwrap.dedent(
     else:
         sys.exit("weaktr_hf is importable in the remote-code subprocess")
 
-    import torch
-    from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+    import builtins
 
+    import numpy as np
+    import PIL.Image
+    import torch
+    from transformers import (
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForSemanticSegmentation,
+        pipeline,
+    )
+
+
+    def refuse_prompt(*args):
+        raise SystemExit(f"prompted for input: {args}")
+
+
+    builtins.input = refuse_prompt
     inputs = torch.load(workdir + "/inputs.pt")
     cam = AutoModelForImageClassification.from_pretrained(workdir + "/cam", trust_remote_code=True)
     segmenter = AutoModelForSemanticSegmentation.from_pretrained(workdir + "/seg", trust_remote_code=True)
@@ -63,8 +85,17 @@ CHILD = textwrap.dedent(
         seg_outputs = segmenter(inputs["seg"])
     results = {name: value for name, value in cam_outputs.items()}
     results["segmentation_logits"] = seg_outputs.logits
+    encoder = AutoModel.from_pretrained(workdir + "/cam", trust_remote_code=True)
+    with torch.no_grad():
+        results["cam_encoder"] = encoder(inputs["cam"]).last_hidden_state
+    processor = AutoImageProcessor.from_pretrained(workdir + "/seg", trust_remote_code=True)
+    segments = pipeline("image-segmentation", model=workdir + "/seg", trust_remote_code=True)(
+        PIL.Image.open(workdir + "/image.png")
+    )
+    results["pipeline"] = {segment["label"]: torch.from_numpy(np.array(segment["mask"])) for segment in segments}
     torch.save(results, workdir + "/remote_outputs.pt")
-    print(json.dumps([type(cam).__module__, type(segmenter).__module__, "weaktr_hf" in sys.modules]))
+    modules = [type(cam).__module__, type(segmenter).__module__, type(processor).__module__]
+    print(json.dumps(modules + ["weaktr_hf" in sys.modules]))
     """
 )
 
@@ -89,6 +120,10 @@ def test_saved_models_load_with_trust_remote_code_without_the_package(tester, tm
     segmenter = WeakTrForSemanticSegmentation(tester.get_segmentation_config()).eval()
     cam.save_pretrained(tmp_path / "cam")
     segmenter.save_pretrained(tmp_path / "seg")
+    # Saved after the model, as training and conversion do: the processor names itself in config.json's auto_map.
+    evaluation_processor(32, 24, base_size=40, patch_size=8).save_pretrained(tmp_path / "seg")
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
     inputs = {"cam": tester.prepare_pixel_values(2, 24, 40), "seg": tester.prepare_pixel_values(1, 27, 35)}
     torch.save(inputs, tmp_path / "inputs.pt")
     (tmp_path / "paths.json").write_text(json.dumps(import_path_without_weaktr()))
@@ -107,9 +142,10 @@ def test_saved_models_load_with_trust_remote_code_without_the_package(tester, tm
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
-    cam_module, seg_module, imported = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert cam_module.startswith("transformers_modules.") and seg_module.startswith("transformers_modules.")
+    *modules, imported = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert all(module.startswith("transformers_modules.") for module in modules), modules
     assert imported is False
+    assert "video" not in completed.stderr.lower() and "not supported" not in completed.stderr, completed.stderr
 
     remote = torch.load(tmp_path / "remote_outputs.pt")
     with torch.no_grad():
@@ -117,3 +153,9 @@ def test_saved_models_load_with_trust_remote_code_without_the_package(tester, tm
     for name, value in local_cam.items():
         torch.testing.assert_close(remote[name], value, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(remote["segmentation_logits"], local_seg.logits, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(remote["cam_encoder"], cam.weaktr(inputs["cam"]).last_hidden_state, rtol=0, atol=0)
+    local_segments = pipeline("image-segmentation", model=str(tmp_path / "seg"))(image)
+    assert set(remote["pipeline"]) == {segment["label"] for segment in local_segments}
+    for segment in local_segments:
+        assert torch.equal(remote["pipeline"][segment["label"]], torch.from_numpy(np.array(segment["mask"])))

@@ -10,7 +10,6 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .configuration_weaktr import WeakTrConfig
 from .image_processing_weaktr import WeakTrImageProcessor, cams_to_label_map, normalize_cams
@@ -35,14 +34,10 @@ AutoModel.register(WeakTrConfig, WeakTrModel, exist_ok=True)
 AutoModelForImageClassification.register(WeakTrConfig, WeakTrForCAM, exist_ok=True)
 AutoModelForSemanticSegmentation.register(WeakTrConfig, WeakTrForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(WeakTrConfig, image_processor_classes={"torchvision": WeakTrImageProcessor}, exist_ok=True)
-# The image-segmentation pipeline checks the model's class name against merged copies of transformers' name tables,
-# which leave out models added with `register`, and logs "The model ... is not supported" for them. The name in the
-# semantic-segmentation table silences that; the Auto classes never import from it ("weaktr" is not one of
-# transformers' own config types), so nothing else changes.
-MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("weaktr", WeakTrForSemanticSegmentation.__name__)
 
 # Saved folders carry their code and an `auto_map`, so they also load with `trust_remote_code=True` where this
-# package is not installed.
+# package is not installed (the image processor adds itself to the model's `auto_map` when saved after the model:
+# `WeakTrImageProcessor.save_pretrained`). Importing modeling_weaktr lists the segmenter in the pipeline's table.
 WeakTrConfig.register_for_auto_class()
 WeakTrModel.register_for_auto_class("AutoModel")
 WeakTrForCAM.register_for_auto_class("AutoModelForImageClassification")

@@ -133,6 +133,10 @@ class WeakTrConfig(PreTrainedConfig):
             `"valid_pixels"` averages over non-ignored pixels only.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by the step-2 loss.
+        auxiliary_ensemble_weight (`float`, *optional*, defaults to 0.0):
+            Step-2 inference: with a weight w > 0, `logits` without `labels` are log((P + w P_aux) / (1 + w)), P the
+            softmax of the final decoder output and P_aux that of the tokens before the last decoder block (the
+            authors' `--backbone multi --weight 0.8`); training (with `labels`) always uses the final output.
     """
 
     model_type = "weaktr"
@@ -184,6 +188,8 @@ class WeakTrConfig(PreTrainedConfig):
     clip_window_size: int = 120
     loss_average: str = "all_pixels"
     semantic_loss_ignore_index: int = 255
+    # Step 2 inference: the authors' decoder ensemble (0.8 in their evaluation; 0 = the final output alone).
+    auxiliary_ensemble_weight: float = 0.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, list):
@@ -296,6 +302,11 @@ class WeakTrConfig(PreTrainedConfig):
             raise ValueError(f"WeakTrConfig.rope_theta must be positive, got {self.rope_theta!r}.")
         if not self.fine_cam_scale > 0:
             raise ValueError(f"WeakTrConfig.fine_cam_scale must be positive, got {self.fine_cam_scale!r}.")
+        if not self.auxiliary_ensemble_weight >= 0:
+            raise ValueError(
+                f"WeakTrConfig.auxiliary_ensemble_weight must be a number >= 0 (0 = no ensemble), got "
+                f"{self.auxiliary_ensemble_weight!r}."
+            )
         if self.clip_start_value <= 0:
             raise ValueError(f"WeakTrConfig.clip_start_value must be positive, got {self.clip_start_value!r}.")
 

@@ -11,8 +11,10 @@ models carry but never use (`UNUSED_KEYS`), and anything else is an error. `conv
 function (the training script can initialise from an authors' checkpoint with it); `to_original_state_dict` is its
 inverse, so a round trip can be checked for losslessness.
 
-    python -m weaktr_hf.convert_weaktr_original_to_hf --checkpoint_path WeakTr_CAM.pth --stage cam \
-        --dataset voc12 --output_dir weaktr-deit-small-voc12-cam
+    weaktr-convert --checkpoint_path WeakTr_CAM.pth --stage cam --dataset voc12 --output_dir weaktr-deit-small-voc12-cam
+
+The authors' released weights are MIT-licensed (hustvl/WeakTr); the converted folders and their cards keep that
+licence (this package itself is Apache-2.0).
 """
 
 import argparse
@@ -29,7 +31,7 @@ from transformers.initialization import no_init_weights
 
 from . import hub
 from .configuration_weaktr import AAF_POOLINGS, WeakTrConfig
-from .image_processing_weaktr import IMAGE_STATISTICS, WeakTrImageProcessor
+from .image_processing_weaktr import IMAGE_STATISTICS, WeakTrImageProcessor, evaluation_processor
 from .labels import BACKGROUND, label_layouts
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation, WeakTrPreTrainedModel, build_2d_rope
 
@@ -85,7 +87,14 @@ REPORTED_RESULTS = {
     ("seg", "voc12"): {"deit-s": "74.0", "vit-s": "78.4", "dinov2-s": "75.8", "eva02-s": "78.5"},
     ("seg", "coco14"): {"deit-s": "46.9", "vit-s": "50.3", "dinov2-s": "48.9", "eva02-s": "51.1"},
 }
+# The same numbers for the model-index: (metric name, mIoU %, split) of each stage, labelled as the paper's.
+REPORTED_CAM_MIOU = {"voc12": 69.4, "coco14": 42.6}
+# Names for the card's text and the model-index's dataset type (not Hub dataset ids: the card lists no `datasets`).
 DATASET_CARD_NAMES = {"voc12": ("PASCAL VOC 2012", "pascal-voc-2012"), "coco14": ("COCO 2014", "coco-2014")}
+# The authors' evaluation geometry (OR/config.yml:181-184; OR/model/utils.py:106-118) and decoder ensemble
+# (--backbone multi --weight 0.8, OR/eval/miou.py:84-85): what a converted segmenter's processor and config default to.
+AUTHORS_EVALUATION = dict(base_size=520, min_size=480, window_size=480, window_stride=320)
+AUTHORS_AUXILIARY_ENSEMBLE_WEIGHT = 0.8
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -658,12 +667,17 @@ def to_original_state_dict(model_or_state_dict, stage=None):
 
 def build_image_processor(config, stage, normalization=None):
     """The recipe's preprocessing: the image statistics named by `normalization` (`NORMALIZATIONS`; by default the
-    encoder's, see `default_normalization`) and the training size of the step."""
+    encoder's, see `default_normalization`); the training size of step 1, the authors' single-scale evaluation
+    geometry for step 2 (`AUTHORS_EVALUATION`)."""
     normalization = normalization or default_normalization(config)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
     mean, std = NORMALIZATIONS[normalization]
     height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
+    if stage == "seg":
+        return evaluation_processor(
+            patch_size=config.patch_size, image_mean=mean, image_std=std, size=height, **AUTHORS_EVALUATION
+        )
     return WeakTrImageProcessor(
         size={"height": height, "width": width}, size_divisor=config.patch_size, image_mean=list(mean),
         image_std=list(std),
@@ -671,12 +685,15 @@ def build_image_processor(config, stage, normalization=None):
 
 
 def render_model_card(config, stage, dataset, source_name, source_sha256, normalization, model_id, notes=()):
-    """The model card (README.md) of a converted checkpoint, from `model_cards/converted_{stage}.md`.
+    """The model card (README.md text) of a converted checkpoint: metadata from `huggingface_hub.ModelCardData`
+    (the authors' MIT licence, the paper's numbers in the `model-index` labelled as reported by the paper), text
+    from `model_cards/converted_{stage}.md`.
 
     `model_id` is what the usage snippet loads (the Hub repository, or the output folder's name).
     """
-    dataset_name, dataset_id = DATASET_CARD_NAMES.get(dataset, ("an unidentified dataset", None))
+    dataset_name, dataset_type = DATASET_CARD_NAMES.get(dataset, ("an unidentified dataset", None))
     results = REPORTED_RESULTS.get((stage, dataset))
+    metrics = []
     if results and stage == "seg":
         backbone = released_backbone(config, normalization)
         if backbone is None:
@@ -686,15 +703,17 @@ def render_model_card(config, stage, dataset, source_name, source_sha256, normal
                 f"- {dataset_name} val mIoU, WeakTr with {BACKBONE_NAMES[backbone]}: **{results[backbone]}%** (the "
                 f"paper's / authors' README number for this released checkpoint)"
             )
+            metrics.append((f"val mIoU reported by the paper ({BACKBONE_NAMES[backbone]}, multi-scale + CRF)",
+                            float(results[backbone]), dataset_name, dataset_type, "val"))  # fmt: skip
     elif results:
         reported = "\n".join(f"- {line}" for line in results)
+        metrics.append(("pseudo-label mIoU reported by the paper (multi-scale CAMs + CRF)", REPORTED_CAM_MIOU[dataset],
+                        dataset_name, dataset_type, "train"))  # fmt: skip
     else:
         reported = "- The class count matches no dataset the paper reports on, so no reported number applies."
     labels = ", ".join(f"{i}: {name}" for i, name in sorted(config.id2label.items()))
-    return hub.render_model_card(
+    text = hub.render_model_card(
         f"converted_{stage}",
-        datasets_yaml=f"datasets:\n- {dataset_id}\n" if dataset_id else "",
-        dataset_tag=f"- {dataset}\n" if dataset else "",
         dataset_name=dataset_name,
         source_name=source_name,
         source_sha256=source_sha256,
@@ -710,7 +729,18 @@ def render_model_card(config, stage, dataset, source_name, source_sha256, normal
         aaf_pooling=config.aaf_pooling,
         model_id=model_id,
         notes="\n".join(f"- {note}" for note in notes) if notes else "- None.",
+        install=hub.INSTALL_COMMAND,
+        citation=hub.CITATION,
+        dataset=dataset or "voc12",
+        aux_weight=config.auxiliary_ensemble_weight,
+        **AUTHORS_EVALUATION,
     )
+    card = hub.model_card(
+        text, "image-segmentation" if stage == "seg" else "image-classification", license=hub.CONVERTED_LICENSE,
+        metrics=metrics, model_name=model_id, extra_tags=["converted", dataset],
+        reported_by=("WeakTr paper (Zhu et al., arXiv 2304.01184) and the authors' README", hub.PAPER_URL),
+    )  # fmt: skip
+    return str(card)
 
 
 def _sha256(path):
@@ -721,11 +751,12 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normalization=None, push_to_hub=None,
-                       **config_overrides):  # fmt: skip
+def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normalization=None, push_to_hub=False,
+                       hub_model_id=None, hub_token=None, **config_overrides):  # fmt: skip
     """
-    Convert an authors' checkpoint file and save model, image processor and model card to `output_dir`; upload the
-    folder to the Hub repository `push_to_hub` when given. Returns the loaded weaktr-hf model (eval mode).
+    Convert an authors' checkpoint file and save model, image processor and model card to `output_dir`; with
+    `push_to_hub`, upload the folder to the Hub repository `hub_model_id` (default: the output folder's name), which
+    is checked (token, repository) before anything is converted. Returns the loaded weaktr-hf model (eval mode).
 
     `normalization` names the processor's image statistics (`NORMALIZATIONS`); by default the encoder's recipe
     (CLIP for EVA-02-S, ImageNet otherwise). The augreg ViT-S checkpoints need `"vit"`: their keys are a DeiT's.
@@ -733,6 +764,11 @@ def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normali
     _check_stage(stage)
     if normalization is not None and normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}.")
+    repo_id = None
+    if push_to_hub:
+        repo_id = hub.prepare_hub_repos(hub_model_id or Path(output_dir).name, token=hub_token)[0]
+    if stage == "seg":
+        config_overrides.setdefault("auxiliary_ensemble_weight", AUTHORS_AUXILIARY_ENSEMBLE_WEIGHT)
     source = unwrap_state_dict(load_original_checkpoint(checkpoint_path))
     config, state_dict = convert_state_dict(source, stage, dataset=dataset, **config_overrides)
     recipe_normalization = default_normalization(config)
@@ -778,17 +814,17 @@ def convert_checkpoint(checkpoint_path, stage, output_dir, dataset=None, normali
     build_image_processor(config, stage, normalization).save_pretrained(output_dir)
     card = render_model_card(
         config, stage, card_dataset, Path(checkpoint_path).name, _sha256(checkpoint_path), normalization,
-        push_to_hub or output_dir.name, notes,
+        repo_id or output_dir.name, notes,
     )  # fmt: skip
     (output_dir / "README.md").write_text(card, encoding="utf-8")
     logger.info("Saved %s (%s) to %s", type(model).__name__, _describe(config, stage), output_dir)
 
-    if push_to_hub:
+    if repo_id:
         hub.push_folder_to_hub(
-            str(output_dir), push_to_hub,
+            str(output_dir), repo_id, token=hub_token,
             commit_message=f"Convert WeakTr step-{1 if stage == 'cam' else 2} checkpoint {Path(checkpoint_path).name}",
         )  # fmt: skip
-        logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, push_to_hub)
+        logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
     return model
 
 
@@ -820,7 +856,10 @@ def parse_args(argv=None):
         "ViT-S, whose keys look like DeiT-S's, so this flag is needed) or eva02 (CLIP: EVA-02-S). Default: eva02 for "
         "an EVA-02 encoder, deit otherwise.",
     )  # fmt: skip
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="Upload the folder to this Hub repo.")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="Upload the folder to the Hub (--hub_model_id); token and repository are checked first.")
+    parser.add_argument("--hub_model_id", help="Hub repository to push to (default: the --output_dir folder's name).")
+    parser.add_argument("--hub_token", help="Hub token (default: the one `hf auth login` saved).")
     return parser.parse_args(argv)
 
 
@@ -836,11 +875,23 @@ def main(argv=None):
         raise SystemExit("--decoder_num_attention_heads applies to --stage seg only.")
     if args.stage == "seg" and "aaf_pooling" in overrides:
         raise SystemExit("--aaf_pooling applies to --stage cam only.")
-    convert_checkpoint(
-        args.checkpoint_path, args.stage, args.output_dir, dataset=args.dataset, normalization=args.normalization,
-        push_to_hub=args.push_to_hub, **overrides,
-    )  # fmt: skip
+    if args.hub_model_id and not args.push_to_hub:
+        raise SystemExit("--hub_model_id names the repository of --push_to_hub; add --push_to_hub to upload.")
+    try:
+        convert_checkpoint(
+            args.checkpoint_path, args.stage, args.output_dir, dataset=args.dataset,
+            normalization=args.normalization, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+            hub_token=args.hub_token, **overrides,
+        )  # fmt: skip
+    except (hub.HubSetupError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"weaktr-convert: error: {error}") from None
+
+
+def cli(argv=None):
+    """The `weaktr-convert` command: exit 0 on success; a user error is one line on stderr and a non-zero exit."""
+    main(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

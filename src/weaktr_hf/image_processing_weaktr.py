@@ -42,6 +42,7 @@ from transformers.image_utils import (
     infer_channel_dimension_format,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import cached_file
 
 from .labels import IGNORE_INDEX
@@ -186,6 +187,103 @@ def cams_to_label_map(cams: torch.Tensor, present: torch.Tensor, threshold: floa
     return torch.cat([background, scores], dim=-3).argmax(dim=-3)
 
 
+# The authors' evaluation caps the long side at 8 x the short side (img_scale (8 x 520, 520), OnlineRetraining/segm/
+# data/base.py:58 with max_ratio 8, data/config/pascal_voc.py:10).
+EVAL_MAX_RATIO = 8
+
+
+def segment_pass_size(size, scale, base_size=None, min_size=None):
+    """
+    (height, width) of one evaluation pass of an image of `size` (height, width) at `scale`.
+
+    - Without `base_size`: each side is `round(side * scale)`.
+    - With `base_size` (the authors' 520): as mmseg's keep-ratio resize to img_scale (8 x base, base) x scale: the
+      short side becomes `int(base_size * scale)` (the long side at most 8x that), each side `int(side * f + 0.5)`.
+    - With `min_size` (the authors' 480, their window size): a pass whose short side is below it is then resized so
+      the short side is `min_size` and the long side `int(long / short * min_size)` (OnlineRetraining/segm/model/
+      utils.py:106-118).
+
+    For a 500 x 375 image with base 520, min 480 and scales 0.5 ... 1.75, the short sides are 480, 480, 520, 650,
+    780, 910.
+
+    Returns the sizes of the two resizes, `(first, second)`; `second` is None when no upsampling to `min_size` is
+    needed.
+    """
+    height, width = size
+    if base_size is None:
+        first = (max(1, round(height * scale)), max(1, round(width * scale)))
+    else:
+        short, long = int(base_size * scale), int(EVAL_MAX_RATIO * base_size * scale)
+        factor = min(short / min(height, width), long / max(height, width))
+        first = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
+    second = None
+    if min_size is not None and min(first) < min_size:
+        h, w = first
+        second = (min_size, int(w / h * min_size)) if h < w else (int(h / w * min_size), min_size)
+    return first, second
+
+
+def window_starts(length, window, stride):
+    """Top (or left) offsets of the windows along one side: every `stride`, the last one flush with the border."""
+    if length <= window:
+        return [0]
+    return list(range(0, length - window, stride)) + [length - window]
+
+
+def window_boxes(size, window_size, window_stride):
+    """(top, left, height, width) of the sliding windows over an image of `size` (height, width), row by row.
+
+    Windows are `window_size` squares, clipped to the image on a side shorter than the window; without a
+    `window_size` the image is one window.
+    """
+    height, width = size
+    if not window_size:
+        return [(0, 0, height, width)]
+    crop = (min(window_size, height), min(window_size, width))
+    return [
+        (top, left, *crop)
+        for top in window_starts(height, window_size, window_stride)
+        for left in window_starts(width, window_size, window_stride)
+    ]
+
+
+def resolved_window_stride(window_size, window_stride=None):
+    """The window step: as given, else 2/3 of the window (the authors' 480 / 320), at least 1 pixel."""
+    if not window_size or window_stride:
+        return window_stride
+    return max(1, round(window_size * 2 / 3))
+
+
+def check_evaluation_geometry(base_size=None, min_size=None, window_size=None, window_stride=None):
+    """Each setting is None or a positive int, and the windows leave no pixel uncovered."""
+    for name, value in (("base_size", base_size), ("min_size", min_size), ("window_size", window_size),
+                        ("window_stride", window_stride)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be None or a positive integer (pixels), got {value!r}")
+    if window_stride is not None and window_size is None:
+        raise ValueError(f"window_stride {window_stride} needs a window_size; set both, or neither")
+    stride = resolved_window_stride(window_size, window_stride)
+    if window_size is not None and stride > window_size:
+        raise ValueError(
+            f"window_stride ({stride}) is larger than window_size ({window_size}), which would leave pixels that no "
+            "window covers; use a stride at most the window size"
+        )
+
+
+def evaluation_pass_sizes(size, geometry):
+    """The sizes an image of `size` (height, width) is resized to, in order, by the single-scale evaluation geometry
+    (`segment_pass_size` at scale 1.0; nothing without `do_resize`)."""
+    if not geometry.do_resize:
+        return []
+    return [pass_size for pass_size in segment_pass_size(size, 1.0, geometry.base_size, geometry.min_size) if pass_size]
+
+
+def evaluation_size(size, geometry):
+    """(height, width) of an image of `size` after the evaluation geometry's resizes (before the windows)."""
+    sizes = evaluation_pass_sizes(size, geometry)
+    return sizes[-1] if sizes else tuple(size)
+
+
 class WeakTrImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
@@ -193,10 +291,25 @@ class WeakTrImageProcessorKwargs(ImagesKwargs, total=False):
     size_divisor (`int`, *optional*, defaults to `self.size_divisor`):
         The model's patch size: `do_pad` pads to a multiple of it, and post-processing uses it to map one output
         cell to `size_divisor` pixels.
+    base_size (`int`, *optional*, defaults to `self.base_size`):
+        Evaluation geometry: resize keeping the aspect ratio so the short side is `base_size` (the long side at
+        most 8x that), as the training script's eval stage (`segment_pass_size`); `size` is then not used.
+    min_size (`int`, *optional*, defaults to `self.min_size`):
+        Evaluation geometry: then upsample an image whose short side is below `min_size`.
+    window_size (`int`, *optional*, defaults to `self.window_size`):
+        Evaluation geometry: cut each (resized) image into `window_size` squares every `window_stride` pixels (the
+        last one flush with the border); `pixel_values` holds the windows of all images in order, and
+        post-processing with `target_sizes` stitches them back.
+    window_stride (`int`, *optional*, defaults to `self.window_stride`):
+        Step between windows (default: 2/3 of `window_size`, rounded).
     """
 
     do_reduce_labels: bool
     size_divisor: int
+    base_size: int
+    min_size: int
+    window_size: int
+    window_stride: int
 
 
 class WeakTrImageProcessor(TorchvisionBackend):
@@ -224,6 +337,12 @@ class WeakTrImageProcessor(TorchvisionBackend):
             The model's patch size (see `WeakTrImageProcessorKwargs`).
         do_reduce_labels (`bool`, *optional*, defaults to `False`):
             Reduce segmentation-map labels as SegFormer does (0 -> 255, k -> k - 1).
+        base_size, min_size, window_size, window_stride (`int`, *optional*, default `None`):
+            The evaluation geometry of `weaktr_hf.inference.segment` at one scale (see `WeakTrImageProcessorKwargs`).
+            With any of them set, images are normalised at their own size and then resized bilinearly (no
+            antialiasing) to the evaluation size instead of to `size`, and large images become several windows, so
+            the pipeline gives the eval stage's single-scale prediction. Segmenters trained or converted by weaktr-hf
+            save their processor with them (`evaluation_processor`); without them the processor resizes to `size`.
     """
 
     valid_kwargs = WeakTrImageProcessorKwargs
@@ -241,6 +360,10 @@ class WeakTrImageProcessor(TorchvisionBackend):
     do_pad = False
     size_divisor = 16
     do_reduce_labels = False
+    base_size = None
+    min_size = None
+    window_size = None
+    window_stride = None
 
     def __init__(self, **kwargs: Unpack[WeakTrImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -275,6 +398,39 @@ class WeakTrImageProcessor(TorchvisionBackend):
             processor.size_divisor = patch_size
         return processor
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does; saved after its model (whose `config.json` is already there), the processor is
+        also made loadable where weaktr-hf is not installed (`AutoImageProcessor` / `pipeline` with
+        `trust_remote_code=True`).
+
+        Its code goes into the folder and the model's `config.json` names it (`auto_map["AutoImageProcessor"]`);
+        `preprocessor_config.json` keeps no class name, so transformers finds the processor through the config. An
+        `auto_map` in `preprocessor_config.json` itself would make transformers derive a video processor from it and
+        ask to run remote code even with the package installed.
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(save_directory, "config.json")
+        if not os.path.isfile(config_file):
+            return saved
+        with open(config_file, encoding="utf-8") as file:
+            config = json.load(file)
+        if config.get("model_type") != "weaktr":
+            return saved
+        custom_object_save(self, save_directory)  # this file and the files it imports
+        auto_map = config.setdefault("auto_map", {})
+        auto_map["AutoImageProcessor"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        with open(config_file, "w", encoding="utf-8") as file:
+            json.dump(config, file, indent=2, sort_keys=True)
+            file.write("\n")
+        processor_file = os.path.join(save_directory, "preprocessor_config.json")
+        with open(processor_file, encoding="utf-8") as file:
+            processor_config = json.load(file)
+        processor_config.pop("image_processor_type", None)
+        with open(processor_file, "w", encoding="utf-8") as file:
+            json.dump(processor_config, file, indent=2, sort_keys=True)
+            file.write("\n")
+        return saved
+
     def preprocess(self, images, segmentation_maps=None, **kwargs: Unpack[WeakTrImageProcessorKwargs]) -> BatchFeature:
         r"""
         Preprocess images and, optionally, their segmentation maps.
@@ -290,8 +446,10 @@ class WeakTrImageProcessor(TorchvisionBackend):
         """
         return super().preprocess(images, segmentation_maps, **kwargs)
 
-    def _validate_preprocess_kwargs(self, size=None, size_divisor=None, do_center_crop=None, **kwargs):
+    def _validate_preprocess_kwargs(self, size=None, size_divisor=None, do_center_crop=None, base_size=None,
+                                    min_size=None, window_size=None, window_stride=None, **kwargs):  # fmt: skip
         super()._validate_preprocess_kwargs(size=size, do_center_crop=do_center_crop, **kwargs)
+        check_evaluation_geometry(base_size, min_size, window_size, window_stride)
         if size is not None and not ((size.height and size.width) or size.shortest_edge):
             raise ValueError(
                 f"size must be {{'height', 'width'}} or {{'shortest_edge'}} (optionally with 'longest_edge'); "
@@ -465,6 +623,10 @@ class WeakTrImageProcessor(TorchvisionBackend):
         pad_size,
         size_divisor,
         do_reduce_labels,
+        base_size=None,
+        min_size=None,
+        window_size=None,
+        window_stride=None,
         input_data_format=None,
         device=None,
         disable_grouping=None,
@@ -475,6 +637,35 @@ class WeakTrImageProcessor(TorchvisionBackend):
             self._image_to_tensor(image, i, do_convert_rgb, do_rescale, rescale_factor, input_data_format, device)
             for i, image in enumerate(self._as_list(images, batch_ndim=4, kind="images"))
         ]
+        if base_size or min_size or window_size:
+            if segmentation_maps is not None:
+                raise ValueError(
+                    "segmentation maps are not resized or cut into windows by the evaluation geometry (base_size / "
+                    "min_size / window_size); pass them to a processor without it, e.g. "
+                    "WeakTrImageProcessor(size=..., do_resize=True)"
+                )
+            geometry = SimpleNamespace(do_resize=do_resize, base_size=base_size, min_size=min_size,
+                                       window_size=window_size, window_stride=window_stride)  # fmt: skip
+            crops = []
+            for image in images:
+                # As `segment`: normalise at the image's own size, then resize bilinearly without antialiasing.
+                pixels = self.rescale_and_normalize(
+                    image[None].to(torch.float32), do_rescale, rescale_factor, do_normalize, image_mean, image_std
+                )
+                for pass_size in evaluation_pass_sizes(tuple(image.shape[-2:]), geometry):
+                    if pass_size != tuple(pixels.shape[-2:]):
+                        pixels = F.interpolate(pixels, size=pass_size, mode="bilinear", align_corners=False)
+                boxes = window_boxes(pixels.shape[-2:], window_size, resolved_window_stride(window_size, window_stride))
+                crops.extend(pixels[0, :, top : top + h, left : left + w] for top, left, h, w in boxes)
+            if do_pad:
+                canvas = self._padded_canvas([crop.shape[-2:] for crop in crops], size_divisor, pad_size)
+                crops = [self._pad(crop, canvas, fill=0.0) for crop in crops]
+            if return_tensors is not None and len({tuple(crop.shape) for crop in crops}) > 1:
+                raise ValueError(
+                    f"the images' windows have different sizes {sorted({tuple(c.shape[-2:]) for c in crops})} and "
+                    "cannot be stacked; process one image at a time, pass do_pad=True, or return_tensors=None"
+                )
+            return BatchFeature(data={"pixel_values": crops}, tensor_type=return_tensors)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
 
         images = self._resize(images, do_resize, size, resample, disable_grouping)
@@ -544,35 +735,93 @@ class WeakTrImageProcessor(TorchvisionBackend):
             do_resize=self.do_resize if do_resize is None else do_resize,
             size_divisor=size_divisor,
             do_pad=self.do_pad if do_pad is None else do_pad,
+            base_size=self.base_size,
+            min_size=self.min_size,
+            window_size=self.window_size,
+            window_stride=resolved_window_stride(self.window_size, self.window_stride),
+            evaluation=bool(self.base_size or self.min_size or self.window_size),
         )
 
+    def _preprocessed_size(self, original_size: tuple[int, int], geometry) -> tuple[int, int]:
+        """(height, width) of an image of `original_size` after preprocessing's resize (before padding/windows)."""
+        if geometry.evaluation:
+            return evaluation_size(original_size, geometry)
+        return self._resized_size(*original_size, geometry.size) if geometry.do_resize else original_size
+
+    def _cells_to_pixels(self, maps: torch.Tensor, size: tuple[int, int], original_size, geometry) -> torch.Tensor:
+        """(C, h, w) patch-resolution maps of an input of `size` pixels (plus any padding) -> (1, C, H, W) maps
+        covering exactly that input: upsampled and cropped where the input was padded, else left at (h, w).
+
+        The maps cover `size_divisor` pixels per cell. Maps that cannot come from such an input are an error rather
+        than a wrong crop.
+        """
+        covered = (maps.shape[-2] * geometry.size_divisor, maps.shape[-1] * geometry.size_divisor)
+        # Without `do_pad` only the model pads, to the next multiple of the patch size; with it a batch may pad more.
+        too_small = covered[0] < size[0] or covered[1] < size[1]
+        too_large = not geometry.do_pad and (
+            covered[0] >= size[0] + geometry.size_divisor or covered[1] >= size[1] + geometry.size_divisor
+        )
+        if too_small or too_large:
+            settings = (
+                f"base_size={geometry.base_size}, min_size={geometry.min_size}, window_size={geometry.window_size}"
+                if geometry.evaluation
+                else f"size={dict(geometry.size)}"
+            )
+            raise ValueError(
+                f"maps of {maps.shape[-2]}x{maps.shape[-1]} cells x size_divisor {geometry.size_divisor} cover "
+                f"{covered[0]}x{covered[1]} px, but an image of {original_size[0]}x{original_size[1]} gives "
+                f"{size[0]}x{size[1]} px inputs after preprocessing with {settings}, do_resize={geometry.do_resize}, "
+                f"do_pad={geometry.do_pad}. Pass post-processing the size / do_resize / do_pad given to "
+                "preprocessing, and size_divisor=model.config.patch_size."
+            )
+        maps = maps[None].to(torch.float32)
+        if covered != tuple(size):
+            maps = F.interpolate(maps, size=covered, mode="bilinear", align_corners=False)
+            maps = maps[..., : size[0], : size[1]]
+        return maps
+
+    def _stitch_windows(self, logits: torch.Tensor, sizes, geometry) -> list[torch.Tensor]:
+        """Per-image (C, H, W) maps at the original sizes from the windows of the evaluation geometry, as
+        `weaktr_hf.inference.segment` merges them at one scale: each window's logits upsampled to its pixels,
+        averaged where windows overlap, then resized bilinearly to the original size."""
+        maps, start = [], 0
+        for original_size in sizes:
+            size = self._preprocessed_size(original_size, geometry)
+            boxes = window_boxes(size, geometry.window_size, geometry.window_stride)
+            windows = logits[start : start + len(boxes)]
+            start += len(boxes)
+            if len(windows) < len(boxes):
+                break
+            total = logits.new_zeros((logits.shape[1], *size), dtype=torch.float32)
+            count = total.new_zeros((1, *size))
+            for (top, left, height, width), window in zip(boxes, windows, strict=True):
+                pixels = self._cells_to_pixels(window, (height, width), original_size, geometry)
+                if pixels.shape[-2:] != (height, width):  # no padding to crop: still one value per cell
+                    pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
+                total[:, top : top + height, left : left + width] += pixels[0]
+                count[:, top : top + height, left : left + width] += 1
+            total = total / count
+            if tuple(size) != tuple(original_size):
+                total = F.interpolate(total[None], size=original_size, mode="bilinear", align_corners=False)[0]
+            maps.append(total)
+        if start != len(logits):
+            raise ValueError(
+                f"the logits hold {len(logits)} maps but the {len(sizes)} target size(s) {sizes} give {start} window(s) "
+                f"with base_size={geometry.base_size}, min_size={geometry.min_size}, window_size="
+                f"{geometry.window_size}; pass the original size of every image given to preprocessing, in order"
+            )
+        return maps
+
     def _upsample_to_image(self, maps: torch.Tensor, original_size: tuple[int, int], geometry) -> torch.Tensor:
-        """Bilinearly upsample patch-resolution (C, h, w) maps to the original image size.
+        """Bilinearly upsample patch-resolution (C, h, w) maps of one (unwindowed) input to the original image size.
 
         The maps cover `size_divisor` pixels per cell of the (resized, possibly padded) input; any bottom/right
         padding beyond the resized image is cropped before resizing to `original_size`. Maps that cannot come from
         an image of `original_size` preprocessed with `geometry` (e.g. a `size_divisor` other than the model's patch
         size, or a `size` given at preprocessing but not here) are an error rather than a wrong crop.
         """
-        resized = self._resized_size(*original_size, geometry.size) if geometry.do_resize else original_size
-        covered = (maps.shape[-2] * geometry.size_divisor, maps.shape[-1] * geometry.size_divisor)
-        # Without `do_pad` only the model pads, to the next multiple of the patch size; with it a batch may pad more.
-        too_small = covered[0] < resized[0] or covered[1] < resized[1]
-        too_large = not geometry.do_pad and (
-            covered[0] >= resized[0] + geometry.size_divisor or covered[1] >= resized[1] + geometry.size_divisor
-        )
-        if too_small or too_large:
-            raise ValueError(
-                f"maps of {maps.shape[-2]}x{maps.shape[-1]} cells x size_divisor {geometry.size_divisor} cover "
-                f"{covered[0]}x{covered[1]} px, but an image of {original_size[0]}x{original_size[1]} is "
-                f"{resized[0]}x{resized[1]} after preprocessing with size={dict(geometry.size)}, do_resize="
-                f"{geometry.do_resize}, do_pad={geometry.do_pad}. Pass post-processing the size / do_resize / do_pad "
-                "given to preprocessing, and size_divisor=model.config.patch_size."
-            )
-        maps = maps[None].to(torch.float32)
-        if covered != tuple(resized):
-            maps = F.interpolate(maps, size=covered, mode="bilinear", align_corners=False)
-            maps = maps[..., : resized[0], : resized[1]]
+        resized = self._preprocessed_size(original_size, geometry)
+        maps = self._cells_to_pixels(maps, resized, original_size, geometry)
         return F.interpolate(maps, size=original_size, mode="bilinear", align_corners=False)[0]
 
     def post_process_semantic_segmentation(
@@ -610,11 +859,21 @@ class WeakTrImageProcessor(TorchvisionBackend):
             `segmentation` (that map) and `segmentation_scores` ((num_labels, H, W) float CPU logits).
         """
         logits = outputs.logits
+        geometry = self._geometry(size, do_resize, size_divisor, do_pad)
         if target_sizes is None:
+            if geometry.window_size:
+                raise ValueError(
+                    "this processor cuts images into windows (window_size "
+                    f"{geometry.window_size}); pass target_sizes (the original (height, width) of each image) so the "
+                    "windows can be stitched back"
+                )
             maps = list(logits)
+        elif geometry.evaluation:
+            if isinstance(target_sizes, torch.Tensor):
+                target_sizes = target_sizes.tolist()
+            maps = self._stitch_windows(logits, [(int(h), int(w)) for h, w in target_sizes], geometry)
         else:
             sizes = self._target_sizes(target_sizes, len(logits))
-            geometry = self._geometry(size, do_resize, size_divisor, do_pad)
             maps = [self._upsample_to_image(logit, size, geometry) for logit, size in zip(logits, sizes, strict=True)]
         segmentations = [scores.argmax(dim=0).to(torch.int64).cpu() for scores in maps]
         if not return_segmentation_scores:
@@ -663,6 +922,11 @@ class WeakTrImageProcessor(TorchvisionBackend):
         present = self._present_classes(labels, batch_size, num_classes)
         sizes = self._target_sizes(target_sizes, batch_size) if target_sizes is not None else None
         geometry = self._geometry(size, do_resize, size_divisor, do_pad)
+        if geometry.window_size:
+            raise ValueError(
+                f"post_process_cams takes one CAM per image, but this processor cuts images into windows (window_size "
+                f"{geometry.window_size}); preprocess CAM inputs with a processor without window_size"
+            )
         label_maps = []
         for i in range(batch_size):
             maps = cams[i].to(torch.float32).relu()  # ReLU before upsampling, as generate_cams does
@@ -694,9 +958,26 @@ class WeakTrImageProcessor(TorchvisionBackend):
         return present
 
 
+def evaluation_processor(window_size, window_stride=None, base_size=None, min_size=None, patch_size=16,
+                         image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD, size=None):  # fmt: skip
+    """The image processor of a segmenter that gives the eval stage's single-scale prediction: no resize to a fixed
+    size but `segment`'s geometry (short side to `base_size`, passes below `min_size` upsampled, `window_size`
+    windows every `window_stride` pixels). `size` (default the window) is kept for code that reads it."""
+    size = size or window_size
+    return WeakTrImageProcessor(
+        size={"height": size, "width": size}, size_divisor=patch_size, image_mean=list(image_mean),
+        image_std=list(image_std), base_size=base_size, min_size=min_size, window_size=window_size,
+        window_stride=resolved_window_stride(window_size, window_stride),
+    )  # fmt: skip
+
+
 __all__ = [
+    "EVAL_MAX_RATIO",
     "IMAGE_STATISTICS",
     "WeakTrImageProcessor",
+    "evaluation_processor",
+    "segment_pass_size",
+    "window_boxes",
     "normalize_cams",
     "cams_to_label_map",
     "load_image_file",

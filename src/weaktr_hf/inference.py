@@ -16,7 +16,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .image_processing_weaktr import CAM_OUTPUT_NAMES, WeakTrImageProcessor, cams_to_label_map, normalize_cams
+from .image_processing_weaktr import (
+    CAM_OUTPUT_NAMES,
+    WeakTrImageProcessor,
+    cams_to_label_map,
+    normalize_cams,
+    segment_pass_size,
+    window_starts as _window_starts,
+)
 from .modeling_weaktr import upsample_logits
 
 
@@ -52,13 +59,6 @@ def _check_scales(scales):
     return scales
 
 
-def _window_starts(length, window, stride):
-    """Top (or left) offsets of the windows along one side: every `stride`, the last one flush with the border."""
-    if length <= window:
-        return [0]
-    return list(range(0, length - window, stride)) + [length - window]
-
-
 def _sliding_window_logits(model, pixel_values, window_size, window_stride, batch_size, aux=False):
     """Logits (B, num_labels, H, W) at pixel resolution, averaged over the windows covering each pixel.
 
@@ -84,7 +84,8 @@ def _sliding_window_logits(model, pixel_values, window_size, window_stride, batc
         crops = torch.stack(
             [pixel_values[index, :, top : top + crop[0], left : left + crop[1]] for top, left, index in chunk]
         )
-        outputs = model(pixel_values=crops, output_aux_logits=True) if aux else model(pixel_values=crops)
+        # The heads raw (the ensemble, if any, is taken after merging windows and passes).
+        outputs = model(pixel_values=crops, output_aux_logits=aux, use_auxiliary_ensemble=False)
         heads = (outputs.logits, outputs.aux_logits) if aux else (outputs.logits,)
         heads = [upsample_logits(head.float(), crop, patch_size) for head in heads]
         if merged is None:
@@ -98,42 +99,6 @@ def _sliding_window_logits(model, pixel_values, window_size, window_stride, batc
     return tuple(merged) if aux else merged[0]
 
 
-# The authors' evaluation caps the long side at 8 x the short side (img_scale (8 x 520, 520), OnlineRetraining/segm/
-# data/base.py:58 with max_ratio 8, data/config/pascal_voc.py:10).
-EVAL_MAX_RATIO = 8
-
-
-def segment_pass_size(size, scale, base_size=None, min_size=None):
-    """
-    (height, width) of one evaluation pass of an image of `size` (height, width) at `scale`.
-
-    - Without `base_size`: each side is `round(side * scale)`.
-    - With `base_size` (the authors' 520): as mmseg's keep-ratio resize to img_scale (8 x base, base) x scale: the
-      short side becomes `int(base_size * scale)` (the long side at most 8x that), each side `int(side * f + 0.5)`.
-    - With `min_size` (the authors' 480, their window size): a pass whose short side is below it is then resized so
-      the short side is `min_size` and the long side `int(long / short * min_size)` (OnlineRetraining/segm/model/
-      utils.py:106-118).
-
-    For a 500 x 375 image with base 520, min 480 and scales 0.5 ... 1.75, the short sides are 480, 480, 520, 650,
-    780, 910.
-
-    Returns the sizes of the two resizes, `(first, second)`; `second` is None when no upsampling to `min_size` is
-    needed.
-    """
-    height, width = size
-    if base_size is None:
-        first = (max(1, round(height * scale)), max(1, round(width * scale)))
-    else:
-        short, long = int(base_size * scale), int(EVAL_MAX_RATIO * base_size * scale)
-        factor = min(short / min(height, width), long / max(height, width))
-        first = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
-    second = None
-    if min_size is not None and min(first) < min_size:
-        h, w = first
-        second = (min_size, int(w / h * min_size)) if h < w else (int(h / w * min_size), min_size)
-    return first, second
-
-
 def segment(
     model,
     pixel_values,
@@ -144,7 +109,7 @@ def segment(
     batch_size=4,
     base_size=None,
     min_size=None,
-    aux_weight=0.0,
+    aux_weight=None,
 ):
     """
     Class probabilities of a [`WeakTrForSemanticSegmentation`] at the input size, for full-resolution evaluation.
@@ -165,14 +130,17 @@ def segment(
         batch_size (`int`): window crops per forward pass.
         base_size (`int`, *optional*): resize the short side to `base_size` x scale first (the authors' 520).
         min_size (`int`, *optional*): upsample passes whose short side is below it (the authors' 480).
-        aux_weight (`float`): the authors' decoder ensemble (`--backbone multi --weight 0.8`): each pass gives
-            `aux_weight` x P(decoded before the last decoder block) + P(final); divided by `1 + aux_weight` here so
-            the result still sums to 1 (same argmax).
+        aux_weight (`float`, *optional*): the authors' decoder ensemble (`--backbone multi --weight 0.8`): each
+            pass gives `aux_weight` x P(decoded before the last decoder block) + P(final); divided by
+            `1 + aux_weight` here so the result still sums to 1 (same argmax). Default: the model's
+            `config.auxiliary_ensemble_weight`; 0 gives the final output alone.
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`: probabilities summing to 1 per pixel,
         on the model's device. `argmax(dim=1)` gives the label map (0 = background).
     """
+    if aux_weight is None:
+        aux_weight = getattr(model.config, "auxiliary_ensemble_weight", 0.0)
     if not aux_weight >= 0:
         raise ValueError(f"aux_weight must be a number >= 0, got {aux_weight!r}.")
     final, aux = _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, batch_size, base_size,

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -465,6 +466,14 @@ class WeakTrPreTrainedModel(PreTrainedModel):
             position_interpolation=position_interpolation, **config_overrides,
         )  # fmt: skip
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does; a model saved with its code also names its encoder for `AutoModel` in the
+        config's `auto_map`, so `AutoModel` loads the encoder of either step where weaktr-hf is not installed."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    "AutoModel": "modeling_weaktr.WeakTrModel"}  # fmt: skip
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         """Truncated-normal linear/conv weights and zero biases, as timm's ViT initialisation."""
         std = self.config.initializer_range
@@ -503,12 +512,18 @@ class WeakTrModel(WeakTrPreTrainedModel):
     register tokens, patches]`; only prefix tokens and patches have position rows.
 
     Step 1 uses `num_labels` class tokens and no final LayerNorm (the authors' forward never applies it); step 2 uses
-    one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the step-2 encoder.
+    one [CLS] token and the final LayerNorm. As a standalone model (`AutoModel`) it is the encoder of the saved
+    model: by default a config saved by a `WeakTrForCAM` (its `architectures`) gives the step-1 layout (prefix tokens,
+    norm, position-table resize), any other the step-2 one.
     """
 
-    def __init__(self, config: WeakTrConfig, num_prefix_tokens: int = 1, use_final_norm: bool = True,
-                 position_interpolation: str = "bilinear"):  # fmt: skip
+    def __init__(self, config: WeakTrConfig, num_prefix_tokens: int | None = None, use_final_norm: bool | None = None,
+                 position_interpolation: str | None = None):  # fmt: skip
         super().__init__(config)
+        step1 = "WeakTrForCAM" in (config.architectures or [])
+        num_prefix_tokens = (config.num_labels if step1 else 1) if num_prefix_tokens is None else num_prefix_tokens
+        use_final_norm = (not step1) if use_final_norm is None else use_final_norm
+        position_interpolation = position_interpolation or ("bicubic_scale_factor" if step1 else "bilinear")
         self.num_prefix_tokens = num_prefix_tokens
         self.num_register_tokens = config.num_register_tokens
         self.grid_size = config.image_grid
@@ -1011,6 +1026,7 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_aux_logits: bool = False,
+        use_auxiliary_ensemble: bool | None = None,
         **kwargs,
     ) -> WeakTrSemanticSegmenterOutput | tuple:
         r"""
@@ -1019,6 +1035,9 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         output_aux_logits (`bool`, *optional*, defaults to `False`):
             Also return `aux_logits`: the tokens before the last decoder block decoded by the same head (shape and
             resolution of `logits`). The authors' evaluation adds 0.8 x their softmax to that of `logits`.
+        use_auxiliary_ensemble (`bool`, *optional*):
+            Return as `logits` the log of the ensemble probabilities of `config.auxiliary_ensemble_weight` (default:
+            when that weight is > 0 and no `labels` are given); `False` gives the final decoder output alone.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -1036,10 +1055,19 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        weight = self.config.auxiliary_ensemble_weight
+        if use_auxiliary_ensemble is None:
+            use_auxiliary_ensemble = weight > 0 and labels is None
         logits, decoder_attentions, aux_logits = self.decoder(
             outputs.last_hidden_state[:, self.weaktr.num_leading_tokens :], grid, output_attentions=output_attentions,
-            output_aux_logits=output_aux_logits,
+            output_aux_logits=output_aux_logits or use_auxiliary_ensemble,
         )  # fmt: skip
+        if use_auxiliary_ensemble:
+            if labels is not None:
+                raise ValueError("use_auxiliary_ensemble is for inference; the loss is on the final decoder output.")
+            probabilities = (logits.float().softmax(1) + weight * aux_logits.float().softmax(1)) / (1.0 + weight)
+            logits = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log().to(logits.dtype)
+            aux_logits = aux_logits if output_aux_logits else None
 
         loss = None
         if labels is not None:
@@ -1074,6 +1102,13 @@ class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):
         return labels
 
 
+# The image-segmentation pipeline checks the model's class name against transformers' own name tables, which models
+# added with `register` do not reach, and logs "The model ... is not supported" for them. Listing the name here (the
+# Auto classes never read this table for "weaktr", not one of transformers' config types) silences that wherever
+# this file is imported, also as remote code where weaktr-hf is not installed.
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("weaktr", WeakTrForSemanticSegmentation.__name__)
+
+
 __all__ = [
     "WeakTrCAMOutput",
     "WeakTrForCAM",
@@ -1087,3 +1122,4 @@ __all__ = [
     "semantic_segmentation_loss",
     "upsample_logits",
 ]
+

@@ -42,10 +42,11 @@ from .data import (
 from .data.coco import is_coco_root
 from .data.voc import find_voc_root
 from .evaluation import evaluate_cams, evaluate_segmentation
-from .image_processing_weaktr import WeakTrImageProcessor, pil_image_to_uint8
+from .image_processing_weaktr import WeakTrImageProcessor, evaluation_processor, pil_image_to_uint8
 from .inference import generate_cams
 from .labels import foreground_id2label, segmentation_id2label
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
+from .predict import save_predict_settings
 from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, stale_pseudo_labels, write_pseudo_labels
 from .recipes import CAM_NAMES, DATASET_TUNED, STAGES, cam_scheduler, epochs_for
 from .selection import (
@@ -508,6 +509,9 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
     model = WeakTrForCAM.from_pretrained(os.path.join(args.output_dir, "cam")).to(accelerator.device)
     cam, threshold = pseudo_label_choice(args)
     crf = None if args.no_crf else PSEUDO_LABEL_CRFS[args.crf]
+    if accelerator.is_main_process:  # weaktr-predict on cam/ then makes the run's pseudo-labels by default
+        save_predict_settings(os.path.join(args.output_dir, "cam"), cam=cam, cam_threshold=threshold,
+                              scales=list(args.cam_scales), flip=args.cam_flip, crf=None if args.no_crf else args.crf)
     accelerator.print(f"Pseudo-labels from {cam} at threshold {threshold:.2f}, scales "
                       f"{tuple(args.cam_scales)}, flip {args.cam_flip}, CRF {'off' if crf is None else args.crf}")  # fmt: skip
     # The step-2 stage trains on `pseudo_labels`; with the CRF the maps before it go to `pseudo_labels_nocrf`.
@@ -592,9 +596,14 @@ def seg_stage(args, accelerator, dataset, class_names, results):
                 f"{different}: use --seg_init backbone with --seg_backbone (the same timm backbone), or scratch."
             )
         load_timm_backbone(model, encoder_state_from_cam(cam_model), strict=False)
-    processor = WeakTrImageProcessor(size={"height": args.seg_image_size, "width": args.seg_image_size},
-                                     size_divisor=model.config.patch_size, image_mean=list(args.seg_image_mean),
-                                     image_std=list(args.seg_image_std))  # fmt: skip
+    # The saved processor gives the eval stage's single-scale prediction (its base size, windows), so the pipeline,
+    # weaktr-predict and the eval stage agree; the decoder ensemble of the eval stage is the model's own output.
+    model.config.auxiliary_ensemble_weight = args.eval_aux_weight or 0.0
+    processor = evaluation_processor(
+        args.window_size, args.window_stride, base_size=args.eval_base_size, min_size=args.eval_min_size,
+        patch_size=model.config.patch_size, image_mean=args.seg_image_mean, image_std=args.seg_image_std,
+        size=args.seg_image_size,
+    )  # fmt: skip
     transform = SegmentationTrainTransform(
         crop_size=args.seg_crop_size, base_size=args.seg_base_size, max_ratio=args.seg_max_ratio,
         antialias=args.seg_antialias, mean=args.seg_image_mean, std=args.seg_image_std,
@@ -617,8 +626,12 @@ def seg_stage(args, accelerator, dataset, class_names, results):
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint, log_prefix="seg", logging_steps=args.logging_steps,
     )  # fmt: skip
-    save_pretrained_atomic(accelerator.unwrap_model(model), os.path.join(args.output_dir, "seg"), processor,
-                           accelerator.is_main_process)  # fmt: skip
+    seg_dir = os.path.join(args.output_dir, "seg")
+    save_pretrained_atomic(accelerator.unwrap_model(model), seg_dir, processor, accelerator.is_main_process)
+    if accelerator.is_main_process:  # what weaktr-predict uses unless a flag overrides it: the eval stage's settings
+        save_predict_settings(seg_dir, scales=list(args.eval_scales), flip=True, window_size=args.window_size,
+                              window_stride=args.window_stride, base_size=args.eval_base_size,
+                              min_size=args.eval_min_size, aux_weight=args.eval_aux_weight, crf=args.eval_crf)  # fmt: skip
     release_training_state(accelerator)
     results.update(seg_train_seconds=round(time.time() - start, 1), seg_train_steps=max_steps, seg_train_epochs=epochs)
 
@@ -843,47 +856,35 @@ STAGE_RUNNERS = {"cam": cam_stage, "pseudo": pseudo_stage, "seg": seg_stage, "ev
 
 def hub_repo_ids(args):
     """(segmenter repository, CAM model repository): the CAM model goes to `<id>-cam`, a repository of its own, so
-    each has its own card and pipeline tag and `from_pretrained(<id>)` needs no subfolder."""
+    each has its own card and pipeline tag and `from_pretrained(<id>)` needs no subfolder (weaktr_hf.hub)."""
+    from .hub import cam_repo_id
+
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return repo_id, f"{repo_id}-cam"
+    return repo_id, cam_repo_id(repo_id)
 
 
 def prepare_hub(args):
     """Check the token and create (or find) both repositories before anything trains; one line on failure."""
-    from .hub import prepare_repositories
+    from .hub import HubSetupError, prepare_hub_repos
 
-    return prepare_repositories(hub_repo_ids(args), token=args.hub_token, private=args.hub_private_repo)
+    try:
+        return prepare_hub_repos(hub_repo_ids(args), token=args.hub_token, private=args.hub_private_repo)
+    except HubSetupError as error:
+        raise ValueError(f"--push_to_hub: {error}") from None
+
+
+def hub_base_model(args):
+    """The Hub model a run started from, for the cards' `base_model`: a timm name's Hub copy, a Hub CAM model."""
+    name = args.cam_model_name_or_path or args.backbone
+    if not name or os.path.exists(str(name)):
+        return None
+    return name if args.cam_model_name_or_path else f"timm/{name}"
 
 
 def push_run(args, repo_ids, results):
-    """Push the run's segmenter and CAM model, each with its card, to the repositories `prepare_hub` checked."""
-    from .hub import push_folder_to_hub
+    """Push the run's segmenter and CAM model, each with its processor and card, to the checked repositories."""
+    from .hub import push_run_to_hub
 
-    folders = {"seg": repo_ids[0], "cam": repo_ids[1]}
-    for name, repo_id in folders.items():
-        folder = os.path.join(args.output_dir, name)
-        if not os.path.isdir(folder):
-            logger.warning("No %s model in %s: nothing pushed to %s.", name, args.output_dir, repo_id)
-            continue
-        write_model_card(folder, repo_id, results, args)
-        push_folder_to_hub(folder, repo_id, token=args.hub_token)
-
-
-def write_model_card(folder, repo_id, results, args):
-    """README.md of a pushed folder: the measured results and the exact command that produced them."""
-    from .hub import render_model_card
-
-    config = WeakTrConfig.from_pretrained(folder)
-    segmenter = "WeakTrForSemanticSegmentation" in (config.architectures or [])
-    dataset_name = "synthetic" if args.dataset_path == "synthetic" else os.path.basename(
-        os.path.normpath(str(args.dataset_path)))  # fmt: skip
-    card = render_model_card(
-        "trained", pipeline_tag="image-segmentation" if segmenter else "image-classification",
-        dataset=dataset_name, model_kind="segmenter (step 2)" if segmenter else "CAM model (step 1)",
-        description=f"A `{(config.architectures or ['WeakTr'])[0]}` with {config.num_hidden_layers} layers of width "
-        f"{config.hidden_size} and patch {config.patch_size}, {config.num_labels} labels.",
-        results_table=results_summary(results), command=results["command"], repo_id=repo_id,
-        classes=", ".join(f"{i}: {name}" for i, name in sorted(config.id2label.items())),
-    )  # fmt: skip
-    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(card)
+    push_run_to_hub(args.output_dir, repo_ids[0], results, results["command"], str(args.dataset_path),
+                    license=args.license, base_model=hub_base_model(args), token=args.hub_token,
+                    private=args.hub_private_repo)  # fmt: skip

@@ -216,7 +216,7 @@ OPTIONS = {
         ("--hub_model_id", "repository of the segmenter (default: the name of --output_dir)", {}),
         ("--hub_token", "Hub token (default: the one `hf auth login` saved)", {}),
         ("--hub_private_repo", "create the repositories as private", dict(action=BooleanFlag, default=False)),
-        ("--license", "licence of the pushed models' cards (your weights: choose it; default 'other')", {}),
+        ("--license", "licence of the pushed models' cards, e.g. apache-2.0 (your weights: none is assumed)", {}),
     ],
 }
 
