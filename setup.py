@@ -27,8 +27,11 @@ extras_require = {
         "pydensecrf2>=1.1",
         "tensorboard>=2.14",
     ],
-    # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it.
-    "dev": ["pytest>=8.0", "parameterized>=0.9"],
+    # weaktr-app, the local web page (gradio_client comes with gradio).
+    "app": ["gradio>=6.0,<7"],
+    # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it; playwright drives
+    # chromium in tests/test_app.py.
+    "dev": ["pytest>=8.0", "parameterized>=0.9", "playwright>=1.40"],
 }
 extras_require["all"] = sorted({req for reqs in extras_require.values() for req in reqs})
 
@@ -47,7 +50,7 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["weaktr-predict = weaktr_hf.predict:main"]},
+    entry_points={"console_scripts": ["weaktr-predict = weaktr_hf.predict:main", "weaktr-app = weaktr_hf.app:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

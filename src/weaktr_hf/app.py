@@ -35,7 +35,7 @@ from .configuration_weaktr import WeakTrConfig
 from .image_processing_weaktr import SIXTEEN_BIT_MODES, load_image_file, pil_image_to_uint8
 from .inference import cams_to_labels, generate_cams
 from .metrics import confusion_matrix, metrics_from_confusion_matrix
-from .predict import CAM_CHOICES, SEGMENTATION_CRFS, Predictor
+from .predict import CAM_CHOICES, CAM_CRFS, SEGMENTATION_CRFS, Predictor
 from .predict import parse_args as predict_args
 from .pseudo_labels import SETTINGS_FILE, _refine_with_crf, pseudo_label_path
 from .visualization import PALETTE, load_label_png, overlay_cam, overlay_mask, upscale
@@ -114,10 +114,12 @@ def _panel(image):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_predictor(model, scales=(1.0,), flip=False, crf=None, cam="fine_cam", cam_threshold=0.43, device=None):
+def load_predictor(model, scales=(1.0,), flip=False, crf=None, cam="fine_cam", cam_threshold=0.43, device=None,
+                   class_threshold=0.5):
     """weaktr-predict's `Predictor` for `model` (a folder or Hub id) with the same flags and defaults as its CLI."""
     argv = ["--model", str(model), "--images", "-", "--output_dir", "-", "--cam", cam,
-            "--cam_threshold", str(cam_threshold), "--scales", *map(str, scales)]  # fmt: skip
+            "--cam_threshold", str(cam_threshold), "--class_threshold", str(class_threshold),
+            "--scales", *map(str, scales)]  # fmt: skip
     argv += (["--flip"] if flip else []) + (["--crf", crf] if crf else []) + (["--device", device] if device else [])
     return Predictor(predict_args(argv))
 
@@ -374,7 +376,8 @@ CSS = """
 class App:
     """The models and run behind the page, and the functions its events call (testable without a browser)."""
 
-    def __init__(self, models=(), run=None, scales=(1.0,), flip=False, crf=None, device=None, max_pixels=None):
+    def __init__(self, models=(), run=None, scales=(1.0,), flip=False, crf=None, device=None, max_pixels=None,
+                 class_threshold=0.5):
         self.run = Run(run) if run else None
         models = list(models)
         if self.run is not None:
@@ -391,7 +394,8 @@ class App:
         for model in models:
             config = WeakTrConfig.from_pretrained(model)
             is_cam = "WeakTrForCAM" in (config.architectures or [])
-            predictor = load_predictor(model, scales, flip, crf if not is_cam else None, cam, threshold, device)
+            predictor = load_predictor(model, scales, flip, crf if not is_cam else None, cam, threshold, device,
+                                       class_threshold)
             if is_cam:
                 self.cam_model = self.cam_model or predictor
             else:
@@ -402,7 +406,8 @@ class App:
             # The run's images get the CAMs its pseudo-label stage made: its scales and flip.
             settings = self.run.pseudo_settings
             self.inspect_predictor = load_predictor(self.cam_model.args.model, settings.get("scales", [1.0]),
-                                                    settings.get("flip", False), None, cam, threshold, device)
+                                                    settings.get("flip", False), None, cam, threshold, device,
+                                                    class_threshold)
         else:
             self.inspect_predictor = self.cam_model
 
@@ -435,19 +440,14 @@ class App:
                 if score >= min(0.05, threshold) or i in result.present]  # fmt: skip
 
     def pseudo_label_views(self, result, cam, threshold, with_crf):
-        """The pseudo-label overlays without and (if asked and available) with the CRF, and the legend of the one
-        shown last."""
-        names = self.cam_names()
+        """The pseudo-label over the image without and, if asked, with the dense CRF (else None), the legend of the
+        last of them and its label map."""
         plain = cam_pseudo_label(result, cam, threshold)
-        views = [(_panel(overlay_mask(result.pixels, plain)), f"{CAM_TITLES[cam]} at {threshold:.2f}, no CRF")]
-        shown = plain
+        shown, refined_view = plain, None
         if with_crf:
-            from .predict import CAM_CRFS
-
-            refined = cam_pseudo_label(result, cam, threshold, CAM_CRFS[self.crf_name or "voc12"])
-            views.append((_panel(overlay_mask(result.pixels, refined)), f"{CAM_TITLES[cam]} at {threshold:.2f}, CRF"))
-            shown = refined
-        return views, legend_html(shown, names), plain
+            shown = cam_pseudo_label(result, cam, threshold, CAM_CRFS[self.crf_name or "voc12"])
+            refined_view = _panel(overlay_mask(result.pixels, shown))
+        return _panel(overlay_mask(result.pixels, plain)), refined_view, legend_html(shown, self.cam_names()), shown
 
     # -- Inspect a run -------------------------------------------------------------------------------------------
 
@@ -513,7 +513,7 @@ def build_app(app):
                     if app.segmenter is not None:
                         gr.Markdown("### Segmenter")
                         with gr.Row():
-                            seg_image = gr.Image(label="mask over the image", elem_id="seg-overlay", scale=2)
+                            seg_image = gr.Image(label="mask over the image", elem_id="seg-overlay", scale=2, format="png")
                             seg_legend = gr.HTML(elem_id="seg-legend")
                     if app.cam_model is not None:
                         gr.Markdown("### Step-1 model: image-level scores, CAMs, pseudo-label")
@@ -521,8 +521,12 @@ def build_app(app):
                             scores = gr.Dataframe(headers=["class", "score", "present"], label="image-level labels",
                                                   elem_id="scores", scale=1)  # fmt: skip
                             pseudo_legend = gr.HTML(elem_id="pseudo-legend")
-                        pseudo = gr.Gallery(label="pseudo-label", elem_id="pseudo", columns=2, height=300)
-                        cams = gr.Gallery(label="CAMs of the present classes", elem_id="cams", columns=3, height=320)
+                        with gr.Row():
+                            pseudo = gr.Image(label="pseudo-label, no CRF", elem_id="pseudo", format="png")
+                            pseudo_crf = gr.Image(label="pseudo-label, dense CRF (tick the box)", elem_id="pseudo-crf",
+                                                  format="png")  # fmt: skip
+                        cams = gr.Gallery(label="CAMs of the present classes", elem_id="cams", columns=3, height=320,
+                                          format="png")
 
             def analyze(path, *controls, progress=gr.Progress()):
                 image, found = read(path)
@@ -537,26 +541,27 @@ def build_app(app):
                     cam, level, crf = controls
                     result = cam_result(app.cam_model, image)
                     names = app.cam_names()
-                    views, legend, _ = app.pseudo_label_views(result, cam, level, crf)
-                    outputs += [result, app.scores_rows(result, names), legend, views, app.cam_gallery(result, names)]
+                    plain, refined, legend, _ = app.pseudo_label_views(result, cam, level, crf)
+                    outputs += [result, app.scores_rows(result, names), legend, plain, refined,
+                                app.cam_gallery(result, names)]  # fmt: skip
                 return outputs
 
             def relabel(result, cam, level, crf):
                 if result is None:
-                    return gr.skip(), gr.skip()
-                views, legend, _ = app.pseudo_label_views(result, cam, level, crf)
-                return legend, views
+                    return gr.skip(), gr.skip(), gr.skip()
+                plain, refined, legend, _ = app.pseudo_label_views(result, cam, level, crf)
+                return legend, plain, refined
 
             controls, outputs = [], [notes]
             if app.segmenter is not None:
                 outputs += [seg_image, seg_legend]
             if app.cam_model is not None:
                 controls = [cam_choice, threshold, with_crf]
-                outputs += [cam_state, scores, pseudo_legend, pseudo, cams]
+                outputs += [cam_state, scores, pseudo_legend, pseudo, pseudo_crf, cams]
             upload.upload(analyze, [upload, *controls], outputs, api_name="analyze")
             if app.cam_model is not None:
                 for control, event in ((threshold, "release"), (cam_choice, "change"), (with_crf, "change")):
-                    getattr(control, event)(relabel, [cam_state, *controls], [pseudo_legend, pseudo],
+                    getattr(control, event)(relabel, [cam_state, *controls], [pseudo_legend, pseudo, pseudo_crf],
                                             api_name=False)  # fmt: skip
 
             def segment_api(path):
@@ -566,26 +571,32 @@ def build_app(app):
                 shares = {name: round(share, 4) for _, name, share in class_shares(label_map, names)}
                 return overlay_mask(pil_image_to_uint8(image), label_map), shares
 
-            def cams_api(path, cam, level):
-                """Image-level scores, each present class's CAMs and the pseudo-label overlay of an image file."""
+            def cams_api(path, cam, level, crf):
+                """Image-level scores, each present class's three CAMs, and the pseudo-label (over the image, and its
+                pixel shares) of an image file at background threshold `level`, with the dense CRF if `crf`."""
                 image, _ = read(path)
+                if cam not in CAM_CHOICES:
+                    raise gr.Error(f"cam must be one of {', '.join(CAM_CHOICES)}, got {cam!r}.")
                 result = cam_result(app.cam_model, image)
                 names = app.cam_names()
-                views, _, plain = app.pseudo_label_views(result, cam, level, False)
+                plain, refined, _, label_map = app.pseudo_label_views(result, cam, float(level), bool(crf))
                 scores_out = {names[i + 1]: round(float(s), 4) for i, s in enumerate(result.scores)}
-                shares = {name: round(share, 4) for _, name, share in class_shares(plain, names)}
-                return scores_out, app.cam_gallery(result, names), views[0][0], shares
+                shares = {name: round(share, 4) for _, name, share in class_shares(label_map, names)}
+                return scores_out, app.cam_gallery(result, names), plain if refined is None else refined, shares
 
             with gr.Row(visible=False):  # API-only endpoints: a file in, plain values out
                 api_file = gr.File(type="filepath")
                 if app.segmenter is not None:
-                    api_overlay, api_shares = gr.Image(), gr.JSON()
+                    api_overlay = gr.Image(label="overlay", format="png")
+                    api_shares = gr.JSON(label="pixel shares")
                     api_file.change(segment_api, [api_file], [api_overlay, api_shares], api_name="segment")
                 if app.cam_model is not None:
-                    api_cam = gr.Textbox(value=app.cam_model.args.cam)
-                    api_level = gr.Number(value=app.cam_model.args.cam_threshold)
-                    api_scores, api_cams, api_pseudo, api_pseudo_shares = gr.JSON(), gr.Gallery(), gr.Image(), gr.JSON()
-                    api_file.change(cams_api, [api_file, api_cam, api_level],
+                    api_cam = gr.Textbox(value=app.cam_model.args.cam, label="cam")
+                    api_level = gr.Number(value=app.cam_model.args.cam_threshold, label="threshold")
+                    api_crf = gr.Checkbox(value=False, label="crf")
+                    api_scores, api_cams = gr.JSON(label="scores"), gr.Gallery(label="cams", format="png")
+                    api_pseudo, api_pseudo_shares = gr.Image(label="pseudo-label", format="png"), gr.JSON(label="shares")
+                    api_file.change(cams_api, [api_file, api_cam, api_level, api_crf],
                                     [api_scores, api_cams, api_pseudo, api_pseudo_shares], api_name="cams")
 
         if app.run is not None:
@@ -608,7 +619,7 @@ def build_run_tab(app, gr):
                                  label="segmenter, validation IoU per class")
             with gr.Column():
                 gr.Dataframe(results_rows(run.results), headers=["all_results.json", "value"], label="numbers",
-                             max_height=420, elem_id="results")  # fmt: skip
+                             max_height=420, elem_id="results", wrap=True)  # fmt: skip
         gr.Markdown("### Images")
         with gr.Row():
             which = gr.Radio([("training (pseudo-labels)", "train"), ("validation (predictions)", "val")],
@@ -618,11 +629,12 @@ def build_run_tab(app, gr):
         table_state = gr.State([])
         with gr.Row():
             table = gr.Dataframe(headers=["#", "id", "labels", "IoU %"], label="images (click one)", interactive=False,
-                                 max_height=480, elem_id="image-table", scale=1)  # fmt: skip
-            with gr.Column(scale=2):
+                                 max_height=560, elem_id="image-table", scale=2, wrap=True,
+                                 column_widths=["12%", "40%", "30%", "18%"])  # fmt: skip
+            with gr.Column(scale=3):
                 summary = gr.Markdown(elem_id="image-summary")
                 panels = gr.Gallery(label="image, CAMs, written labels, ground truth", columns=4, height=560,
-                                    elem_id="run-panels")  # fmt: skip
+                                    elem_id="run-panels", format="png")  # fmt: skip
 
         def list_images(split, worst_first, progress=gr.Progress()):
             progress(0, desc="loading the run's dataset")
@@ -644,6 +656,16 @@ def build_run_tab(app, gr):
         table.select(show, [which, table_state], [summary, panels], api_name=False)
 
 
+def space_card_section(space_id):
+    """A model card's "Demo" section linking to the Space that serves the model (spaces/app.py), e.g. for a pushed
+    model whose Space is `user/weaktr-demo`."""
+    parts = str(space_id).split("/")
+    if len(parts) != 2 or not all(parts) or any(char.isspace() for char in str(space_id)):
+        raise ValueError(f"space_id must be 'owner/name' (a Hugging Face Space), got {space_id!r}.")
+    return (f"## Demo\n\nTry the model on your own images in its Space: "
+            f"[{space_id}](https://huggingface.co/spaces/{space_id}) (a WeakTr page: `weaktr-app --model <this model>`).\n")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="weaktr-app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -657,6 +679,7 @@ def parse_args(argv=None):
     add("--scales", type=float, nargs="+", default=[1.0], help="as weaktr-predict's --scales")
     add("--flip", action="store_true", help="as weaktr-predict's --flip")
     add("--crf", choices=sorted(SEGMENTATION_CRFS), help="as weaktr-predict's --crf (the segmenter's mask)")
+    add("--class_threshold", type=float, default=0.5, help="as weaktr-predict's --class_threshold (step-1 model)")
     add("--device", help="as weaktr-predict's --device (default: cuda if available)")
     add("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest upload, in pixels")
     add("--share", action="store_true", help="also open a public gradio.live link (Gradio's tunnel)")
@@ -673,7 +696,7 @@ def main(argv=None):
     except ImportError:
         sys.exit('weaktr-app needs Gradio: pip install "weaktr-hf[app]"')
     app = App(args.model, run=args.run, scales=args.scales, flip=args.flip, crf=args.crf, device=args.device,
-              max_pixels=args.max_image_pixels)  # fmt: skip
+              max_pixels=args.max_image_pixels, class_threshold=args.class_threshold)  # fmt: skip
     page = build_app(app)
     page.queue().launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
                         max_file_size="200mb", show_error=True)  # fmt: skip
