@@ -268,12 +268,14 @@ def background_share(legend_text):
     return float(row.split()[-1].rstrip("%"))
 
 
-def test_browser_upload_threshold_slider_and_run_browser(server, tmp_path):
+def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
     browser_path = chromium_path()
     if browser_path is None:
         pytest.skip("needs a chromium browser on PATH (Debian: apt-get install chromium)")
     url, _, _ = server
+    app = App(run=tiny_run)
+    worst = sort_table(app.run.image_table("val", len(app.run.class_names())), worst_first=True)[0][1]
     shots = Path(os.environ.get("WEAKTR_APP_SCREENSHOTS", tmp_path / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     image_path = tmp_path / "photo.png"
@@ -317,9 +319,13 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tmp_path):
 
         page.get_by_role("tab", name="Inspect run").click()
         page.get_by_label("worst IoU first").check()
-        page.locator("#image-table").get_by_text("synthetic_val_000000").wait_for(timeout=120_000)
-        page.locator("#image-table").get_by_text("synthetic_val_000000").click()
+        first = page.locator("#image-table [data-testid=cell-0-1]")  # row 0, column "id"
+        page.wait_for_function("(id) => { const c = document.querySelector('#image-table [data-testid=cell-0-1]'); "
+                               "return c && c.innerText.trim() === id; }", arg=worst, timeout=120_000)  # fmt: skip
+        first.click()
         page.locator("#run-panels img").first.wait_for(timeout=120_000)
+        shown("#run-panels")
+        assert f"{worst} (val)" in page.locator("#image-summary").inner_text()
         assert "mIoU on this image" in page.locator("#image-summary").inner_text()
         page.screenshot(path=str(shots / "inspect_run.png"), full_page=True)
         browser.close()

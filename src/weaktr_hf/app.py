@@ -135,16 +135,18 @@ class CamResult:
     cams: dict = field(default_factory=dict)
 
 
-def cam_result(predictor, image, present=None):
+def cam_result(predictor, image, present=None, class_threshold=None):
     """Scores and all three CAMs of `image`, computed as `Predictor.__call__` computes the one CAM it writes: the
     classifier at the model's input size, `generate_cams` at the image's size with the predictor's scales and flip.
-    `present` (class ids) replaces the classifier's choice, e.g. a dataset image's own labels."""
+    The classes scoring at least `class_threshold` (default: the predictor's) are present; `present` (class ids)
+    replaces that choice, e.g. with a dataset image's own labels."""
     args = predictor.args
     with torch.no_grad():
         resized = predictor.classify(image, return_tensors="pt").pixel_values.to(args.device)
         scores = predictor.model(pixel_values=resized).logits.float().sigmoid()[0]
     if present is None:
-        present = [int(i) for i in torch.nonzero(scores >= args.class_threshold).flatten()]
+        level = args.class_threshold if class_threshold is None else class_threshold
+        present = [int(i) for i in torch.nonzero(scores >= level).flatten()]
     pixel_values = predictor.native(image, return_tensors="pt").pixel_values.to(args.device)
     cams = generate_cams(predictor.model, pixel_values, [present], scales=args.scales, flip=args.flip, cam=CAM_CHOICES)
     return CamResult(pil_image_to_uint8(image), scores.cpu().numpy(), list(present),
@@ -434,10 +436,19 @@ class App:
         return items
 
     def scores_rows(self, result, names):
-        threshold = self.cam_model.args.class_threshold
+        """`[[class, score, present]]`, best first: the classes scoring at least 0.05 and every present one."""
         return [[names[i + 1], f"{score:.3f}", "yes" if i in result.present else ""]
                 for i, score in sorted(enumerate(result.scores), key=lambda item: -item[1])
-                if score >= min(0.05, threshold) or i in result.present]  # fmt: skip
+                if score >= 0.05 or i in result.present]  # fmt: skip
+
+    def cam_note(self, result, names, class_threshold):
+        """One line on the classes the step-1 model finds, or what to do when it finds none."""
+        if not result.present:
+            best = int(np.argmax(result.scores))
+            return (f"No class scores {class_threshold:.2f} or more (best: {names[best + 1]}, "
+                    f"{result.scores[best]:.3f}): the pseudo-label is all background. Lower the class score "
+                    "threshold to see CAMs.")  # fmt: skip
+        return "Present: " + ", ".join(f"{names[i + 1]} ({result.scores[i]:.2f})" for i in result.present) + "."
 
     def pseudo_label_views(self, result, cam, threshold, with_crf):
         """The pseudo-label over the image without and, if asked, with the dense CRF (else None), the legend of the
@@ -509,6 +520,9 @@ def build_app(app):
                         with_crf = gr.Checkbox(value=False, label="also refine with the dense CRF",
                                                interactive=crf_available(),
                                                info=None if crf_available() else "pydensecrf is not installed")
+                        class_level = gr.Slider(0.0, 1.0, value=app.cam_model.args.class_threshold, step=0.01,
+                                                label="class score threshold (a class is present from it on)",
+                                                elem_id="class-threshold")  # fmt: skip
                 with gr.Column(scale=2):
                     if app.segmenter is not None:
                         gr.Markdown("### Segmenter")
@@ -517,6 +531,7 @@ def build_app(app):
                             seg_legend = gr.HTML(elem_id="seg-legend")
                     if app.cam_model is not None:
                         gr.Markdown("### Step-1 model: image-level scores, CAMs, pseudo-label")
+                        cam_notes = gr.Markdown(elem_id="cam-notes")
                         with gr.Row():
                             scores = gr.Dataframe(headers=["class", "score", "present"], label="image-level labels",
                                                   elem_id="scores", scale=1)  # fmt: skip
@@ -528,6 +543,14 @@ def build_app(app):
                         cams = gr.Gallery(label="CAMs of the present classes", elem_id="cams", columns=3, height=320,
                                           format="png")
 
+            def step1_outputs(image, cam, level, crf, class_threshold):
+                """What the step-1 model shows of an image: its CAMs are kept (state) for the threshold slider."""
+                result = cam_result(app.cam_model, image, class_threshold=class_threshold)
+                names = app.cam_names()
+                plain, refined, legend, _ = app.pseudo_label_views(result, cam, level, crf)
+                return [result, app.cam_note(result, names, class_threshold), app.scores_rows(result, names), legend,
+                        plain, refined, app.cam_gallery(result, names)]  # fmt: skip
+
             def analyze(path, *controls, progress=gr.Progress()):
                 image, found = read(path)
                 outputs = [" ".join(found) or f"{image.width} x {image.height} px, mode {image.mode}"]
@@ -538,13 +561,14 @@ def build_app(app):
                                                                                                         names)]
                 if app.cam_model is not None:
                     progress(0.5, desc="computing CAMs")
-                    cam, level, crf = controls
-                    result = cam_result(app.cam_model, image)
-                    names = app.cam_names()
-                    plain, refined, legend, _ = app.pseudo_label_views(result, cam, level, crf)
-                    outputs += [result, app.scores_rows(result, names), legend, plain, refined,
-                                app.cam_gallery(result, names)]  # fmt: skip
+                    outputs += step1_outputs(image, *controls)
                 return outputs
+
+            def reclassify(path, *controls, progress=gr.Progress()):
+                if path is None:
+                    return [gr.skip()] * len(step1)
+                progress(0.2, desc="computing CAMs")
+                return step1_outputs(read(path)[0], *controls)
 
             def relabel(result, cam, level, crf):
                 if result is None:
@@ -552,17 +576,18 @@ def build_app(app):
                 plain, refined, legend, _ = app.pseudo_label_views(result, cam, level, crf)
                 return legend, plain, refined
 
-            controls, outputs = [], [notes]
+            controls, outputs, step1 = [], [notes], []
             if app.segmenter is not None:
                 outputs += [seg_image, seg_legend]
             if app.cam_model is not None:
-                controls = [cam_choice, threshold, with_crf]
-                outputs += [cam_state, scores, pseudo_legend, pseudo, pseudo_crf, cams]
-            upload.upload(analyze, [upload, *controls], outputs, api_name="analyze")
+                controls = [cam_choice, threshold, with_crf, class_level]
+                step1 = [cam_state, cam_notes, scores, pseudo_legend, pseudo, pseudo_crf, cams]
+            upload.upload(analyze, [upload, *controls], outputs + step1, api_name="analyze")
             if app.cam_model is not None:
                 for control, event in ((threshold, "release"), (cam_choice, "change"), (with_crf, "change")):
-                    getattr(control, event)(relabel, [cam_state, *controls], [pseudo_legend, pseudo, pseudo_crf],
+                    getattr(control, event)(relabel, [cam_state, *controls[:3]], [pseudo_legend, pseudo, pseudo_crf],
                                             api_name=False)  # fmt: skip
+                class_level.release(reclassify, [upload, *controls], step1, api_name=False)
 
             def segment_api(path):
                 """Segmenter overlay and per-class pixel shares of an image file (the API of the segmenter alone)."""
@@ -630,7 +655,7 @@ def build_run_tab(app, gr):
         with gr.Row():
             table = gr.Dataframe(headers=["#", "id", "labels", "IoU %"], label="images (click one)", interactive=False,
                                  max_height=560, elem_id="image-table", scale=2, wrap=True,
-                                 column_widths=["12%", "40%", "30%", "18%"])  # fmt: skip
+                                 column_widths=["10%", "46%", "28%", "16%"])  # fmt: skip
             with gr.Column(scale=3):
                 summary = gr.Markdown(elem_id="image-summary")
                 panels = gr.Gallery(label="image, CAMs, written labels, ground truth", columns=4, height=560,
