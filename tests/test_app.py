@@ -42,8 +42,8 @@ from conftest import WeakTrModelTester
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 4, 3
 # The run's dataset as the recipe records it: the app rebuilds it from this command line.
-COMMAND = ("accelerate launch examples/train.py --synthetic_num_train 4 --synthetic_num_val 3 --synthetic_image_size 32 "
-           "--backbone none")  # fmt: skip
+COMMAND = ("accelerate launch examples/train.py --synthetic_num_train 4 --synthetic_num_val 3 "
+           "--synthetic_image_size 32 --backbone none")
 THRESHOLD = 0.5
 
 
@@ -280,11 +280,16 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_p
     shots.mkdir(parents=True, exist_ok=True)
     image_path = tmp_path / "photo.png"
     PIL.Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image_path)
+    text_path = tmp_path / "notes.png"
+    text_path.write_text("not an image")
 
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=browser_path, headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(url)
+        page.locator("#upload input[type=file]").set_input_files(str(text_path))  # a bad upload: a message, no crash
+        page.locator("#notes", has_text="notes.png is not an image this app can read").wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "bad_upload.png"), full_page=True)
         page.locator("#upload input[type=file]").set_input_files(str(image_path))
         page.locator("#seg-overlay img").wait_for(timeout=120_000)
         page.locator("#pseudo img").first.wait_for(timeout=120_000)
@@ -329,5 +334,5 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_p
         assert "mIoU on this image" in page.locator("#image-summary").inner_text()
         page.screenshot(path=str(shots / "inspect_run.png"), full_page=True)
         browser.close()
-    assert sorted(path.name for path in shots.glob("*.png")) == ["inspect_run.png", "try_threshold_0.1.png",
-                                                                 "try_threshold_0.9.png"]
+    assert sorted(path.name for path in shots.glob("*.png")) == ["bad_upload.png", "inspect_run.png",
+                                                                 "try_threshold_0.1.png", "try_threshold_0.9.png"]

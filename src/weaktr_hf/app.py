@@ -63,7 +63,9 @@ def read_upload(path, max_pixels=MAX_IMAGE_PIXELS):
         with PIL.Image.open(path) as probe:  # reads the header only: the size is known before decoding
             width, height = probe.size
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise UploadError(f"{name} is not an image this app can read ({error}); upload a PNG, JPEG, WebP or TIFF "
+        # PIL's "cannot identify image file" names the server's temporary copy: the file's own name says more.
+        detail = "" if isinstance(error, PIL.UnidentifiedImageError) else f" ({error})"
+        raise UploadError(f"{name} is not an image this app can read{detail}; upload a PNG, JPEG, WebP or TIFF "
                           "file.") from None  # fmt: skip
     if width * height > max_pixels:
         raise UploadError(f"{name} is {width} x {height} = {width * height / 1e6:.1f} megapixels, over this page's "
@@ -527,7 +529,8 @@ def build_app(app):
                     if app.segmenter is not None:
                         gr.Markdown("### Segmenter")
                         with gr.Row():
-                            seg_image = gr.Image(label="mask over the image", elem_id="seg-overlay", scale=2, format="png")
+                            seg_image = gr.Image(label="mask over the image", elem_id="seg-overlay", scale=2,
+                                                 format="png")
                             seg_legend = gr.HTML(elem_id="seg-legend")
                     if app.cam_model is not None:
                         gr.Markdown("### Step-1 model: image-level scores, CAMs, pseudo-label")
@@ -551,20 +554,23 @@ def build_app(app):
                 return [result, app.cam_note(result, names, class_threshold), app.scores_rows(result, names), legend,
                         plain, refined, app.cam_gallery(result, names)]  # fmt: skip
 
-            def analyze(path, *controls, progress=gr.Progress()):
-                image, found = read(path)
-                outputs = [" ".join(found) or f"{image.width} x {image.height} px, mode {image.mode}"]
+            def analyze(path, *controls, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+                try:
+                    image, found = read_upload(path, app.max_pixels)
+                except UploadError as error:  # said where the answer would be; the upload is cleared for the next
+                    return [None, f"**Cannot use this upload.** {error}"] + [None] * (len(outputs) + len(step1) - 1)
+                values = [gr.skip(), " ".join(found) or f"{image.width} x {image.height} px, mode {image.mode}"]
                 if app.segmenter is not None:
                     progress(0.1, desc="segmenting")
                     label_map, names = app.segment_image(image)
-                    outputs += [_panel(overlay_mask(pil_image_to_uint8(image), label_map)), legend_html(label_map,
+                    values += [_panel(overlay_mask(pil_image_to_uint8(image), label_map)), legend_html(label_map,
                                                                                                         names)]
                 if app.cam_model is not None:
                     progress(0.5, desc="computing CAMs")
-                    outputs += step1_outputs(image, *controls)
-                return outputs
+                    values += step1_outputs(image, *controls)
+                return values
 
-            def reclassify(path, *controls, progress=gr.Progress()):
+            def reclassify(path, *controls, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
                 if path is None:
                     return [gr.skip()] * len(step1)
                 progress(0.2, desc="computing CAMs")
@@ -582,7 +588,7 @@ def build_app(app):
             if app.cam_model is not None:
                 controls = [cam_choice, threshold, with_crf, class_level]
                 step1 = [cam_state, cam_notes, scores, pseudo_legend, pseudo, pseudo_crf, cams]
-            upload.upload(analyze, [upload, *controls], outputs + step1, api_name="analyze")
+            upload.upload(analyze, [upload, *controls], [upload] + outputs + step1, api_name="analyze")
             if app.cam_model is not None:
                 for control, event in ((threshold, "release"), (cam_choice, "change"), (with_crf, "change")):
                     getattr(control, event)(relabel, [cam_state, *controls[:3]], [pseudo_legend, pseudo, pseudo_crf],
@@ -620,7 +626,8 @@ def build_app(app):
                     api_level = gr.Number(value=app.cam_model.args.cam_threshold, label="threshold")
                     api_crf = gr.Checkbox(value=False, label="crf")
                     api_scores, api_cams = gr.JSON(label="scores"), gr.Gallery(label="cams", format="png")
-                    api_pseudo, api_pseudo_shares = gr.Image(label="pseudo-label", format="png"), gr.JSON(label="shares")
+                    api_pseudo = gr.Image(label="pseudo-label", format="png")
+                    api_pseudo_shares = gr.JSON(label="shares")
                     api_file.change(cams_api, [api_file, api_cam, api_level, api_crf],
                                     [api_scores, api_cams, api_pseudo, api_pseudo_shares], api_name="cams")
 
@@ -661,7 +668,7 @@ def build_run_tab(app, gr):
                 panels = gr.Gallery(label="image, CAMs, written labels, ground truth", columns=4, height=560,
                                     elem_id="run-panels", format="png")  # fmt: skip
 
-        def list_images(split, worst_first, progress=gr.Progress()):
+        def list_images(split, worst_first, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
             progress(0, desc="loading the run's dataset")
             try:
                 num_labels = len(run.class_names())
@@ -688,7 +695,8 @@ def space_card_section(space_id):
     if len(parts) != 2 or not all(parts) or any(char.isspace() for char in str(space_id)):
         raise ValueError(f"space_id must be 'owner/name' (a Hugging Face Space), got {space_id!r}.")
     return (f"## Demo\n\nTry the model on your own images in its Space: "
-            f"[{space_id}](https://huggingface.co/spaces/{space_id}) (a WeakTr page: `weaktr-app --model <this model>`).\n")
+            f"[{space_id}](https://huggingface.co/spaces/{space_id}) (a WeakTr page: "
+            "`weaktr-app --model <this model>`).\n")
 
 
 def parse_args(argv=None):
