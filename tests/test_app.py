@@ -308,6 +308,8 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_p
             number = page.locator("#threshold input[type=number]")
             number.fill(f"{level}")
             number.press("Enter")
+            page.wait_for_function("([s, v]) => Math.abs(parseFloat(document.querySelector(s).value) - v) < 1e-6",
+                                   arg=["#threshold input[type=range]", level], timeout=120_000)  # fmt: skip
             page.locator("#threshold input[type=range]").dispatch_event("pointerup")  # the slider's release event
             page.wait_for_function("([s, src]) => document.querySelector(s + ' img').getAttribute('src') !== src",
                                    arg=["#pseudo", before], timeout=120_000)  # fmt: skip

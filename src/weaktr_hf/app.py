@@ -333,6 +333,7 @@ class Run:
         against the ground truth where both exist (else None). Computed once per split."""
         if which not in self._ious:
             rows = self.split(which)
+            rows = rows.select_columns([name for name in ("id", "labels", "semantic_mask") if name in rows.column_names])
             names = self.class_names()
             table = []
             indices = range(len(rows))
