@@ -37,8 +37,11 @@ extras_require = {
     # extra needs a C++ compiler (Debian/Ubuntu: build-essential). Without it a run says so before training and makes
     # its pseudo-labels without the CRF.
     "crf": ["pydensecrf2>=1.1"],
-    # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it.
-    "dev": ["pytest>=8.0", "parameterized>=0.9"],
+    # weaktr-app, the local web page (gradio_client comes with gradio).
+    "app": ["gradio>=6.0,<7"],
+    # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it; playwright drives
+    # chromium in tests/test_app.py.
+    "dev": ["pytest>=8.0", "parameterized>=0.9", "playwright>=1.40"],
 }
 extras_require["all"] = sorted({req for name, reqs in extras_require.items() if name != "dev" for req in reqs})
 
@@ -65,6 +68,7 @@ setup(
             "weaktr-train = weaktr_hf.train:cli",
             "weaktr-predict = weaktr_hf.predict:cli",
             "weaktr-convert = weaktr_hf.convert_weaktr_original_to_hf:cli",
+            "weaktr-app = weaktr_hf.app:main",
         ]
     },
     project_urls={"Paper": "https://arxiv.org/abs/2304.01184"},
