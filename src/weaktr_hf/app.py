@@ -25,13 +25,13 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 from .configuration_weaktr import WeakTrConfig
+from .crf import crf_available
 from .image_processing_weaktr import SIXTEEN_BIT_MODES, load_image_file, pil_image_to_uint8
 from .inference import cams_to_labels, generate_cams
 from .metrics import confusion_matrix, metrics_from_confusion_matrix
@@ -164,12 +164,6 @@ def cam_pseudo_label(result, cam, threshold, crf=None):
     return label_map
 
 
-def crf_available():
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,20 +230,9 @@ def per_class_rows(results):
 def _recipe():
     """The training recipe's `parse_args` and `load_data`: they know how a run's command line maps to its dataset
     (presets, the synthetic set's size and seed, held-out validation splits)."""
-    try:  # the recipe as a package module
-        from .stages import load_data
-        from .train import parse_args
-    except ImportError:  # a source checkout, where the recipe is examples/train.py
-        import importlib.util
+    from .stages import load_data
+    from .train import parse_args
 
-        script = Path(__file__).resolve().parents[2] / "examples" / "train.py"
-        if not script.is_file():
-            raise RuntimeError("the training recipe (weaktr_hf.train / examples/train.py) is not installed, so the "
-                               "run's dataset cannot be rebuilt; inspect the run from a source checkout.") from None
-        spec = importlib.util.spec_from_file_location("weaktr_app_recipe", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        parse_args, load_data = module.parse_args, module.load_data
     return parse_args, load_data
 
 
@@ -259,7 +242,7 @@ def run_dataset(run_dir):
     command = _read_json(os.path.join(run_dir, "all_results.json")).get("command")
     if not command:
         raise ValueError(f"{run_dir} has no all_results.json with the run's command, so its dataset is unknown; "
-                         "pass a run folder that examples/train.py has written.")  # fmt: skip
+                         "pass a run folder that weaktr-train (examples/train.py) has written.")  # fmt: skip
     tokens = shlex.split(command)
     start = next((i + 1 for i, token in enumerate(tokens) if token.endswith(("train.py", "weaktr-train"))), 0)
     parse_args, load_data = _recipe()

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -256,7 +257,7 @@ def parse_args(argv=None, prog="weaktr-train"):
     known, _ = first.parse_known_args(argv)
     args = build_parser(known.preset).parse_args(argv)
     args.preset = args.preset or "demo"
-    args.command = " ".join([prog, *argv])
+    args.command = prog + " " + shlex.join(argv)
     return apply_preset(args)
 
 
