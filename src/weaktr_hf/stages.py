@@ -421,7 +421,7 @@ def cam_stage(args, accelerator, dataset, class_names, results):
     )  # fmt: skip
     release_training_state(accelerator)
     results.update(cam_train_seconds=round(time.time() - start, 1), cam_train_steps=max_steps,
-                   cam_train_epochs=epochs, cam_best_epoch=state.best_epoch)  # fmt: skip
+                   cam_train_epochs=math.ceil(max_steps / steps_per_epoch), cam_best_epoch=state.best_epoch)  # fmt: skip
     if use_masks:
         results.update(cam_selection_rule="train_subset_cam_miou", cam_selection_miou=state.best_metric)
         return
@@ -615,7 +615,8 @@ def seg_stage(args, accelerator, dataset, class_names, results):
     model, prepared_optimizer, loader = accelerator.prepare(model, optimizer, loader)
     epochs = epochs_for(math.ceil(len(loader) / args.gradient_accumulation_steps), args.seg_num_train_epochs,
                         args.seg_target_train_updates, args.seg_max_train_epochs)  # fmt: skip
-    max_steps, _ = training_steps(loader, epochs, args.seg_max_train_steps, args.gradient_accumulation_steps)
+    max_steps, seg_steps_per_epoch = training_steps(loader, epochs, args.seg_max_train_steps,
+                                                    args.gradient_accumulation_steps)  # fmt: skip
     # Not prepared: one step per update of the global batch on any number of processes.
     scheduler = build_scheduler("poly", optimizer, max_steps, min_learning_rate=args.seg_min_learning_rate)
     optimizer = prepared_optimizer
@@ -633,7 +634,8 @@ def seg_stage(args, accelerator, dataset, class_names, results):
                               window_stride=args.window_stride, base_size=args.eval_base_size,
                               min_size=args.eval_min_size, aux_weight=args.eval_aux_weight, crf=args.eval_crf)  # fmt: skip
     release_training_state(accelerator)
-    results.update(seg_train_seconds=round(time.time() - start, 1), seg_train_steps=max_steps, seg_train_epochs=epochs)
+    results.update(seg_train_seconds=round(time.time() - start, 1), seg_train_steps=max_steps,
+                   seg_train_epochs=math.ceil(max_steps / seg_steps_per_epoch))  # fmt: skip
 
 
 def eval_stage(args, accelerator, dataset, class_names, results):
