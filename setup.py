@@ -19,7 +19,7 @@ install_requires = [
     "transformers>=5.21.0,<6",
     "safetensors>=0.8.0",
     "huggingface-hub>=1.31.0",
-    "timm>=1.0.16",
+    "timm>=1.0.25",
     "numpy>=2.0.0",
     "pillow>=10.0.0",
     "tqdm>=4.66.3",
@@ -31,7 +31,7 @@ extras_require = {
         "accelerate>=1.1.0",
         "evaluate>=0.4.0",
         "pycocotools>=2.0.8",
-        "tensorboard>=2.14.0",
+        "tensorboard>=2.17.1",
     ],
     # The dense CRF of the pseudo-labels and of the paper's evaluation: pydensecrf2 ships as source only, so this
     # extra needs a C++ compiler (Debian/Ubuntu: build-essential). Without it a run says so before training and makes
