@@ -16,22 +16,22 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "src" / "weaktr_hf" / "
 install_requires = [
     "torch>=2.4",
     "torchvision>=0.19",
-    "transformers>=5.0,<6",
-    "safetensors>=0.4",
-    "huggingface-hub>=1.0",
-    "timm>=1.0",
-    "numpy>=1.24",
-    "pillow>=10.0",
-    "tqdm>=4.60",
-    "datasets>=4.0",  # the data schema is used by evaluation and pseudo-labels, not only by training
+    "transformers>=5.21.0,<6",
+    "safetensors>=0.8.0",
+    "huggingface-hub>=1.31.0",
+    "timm>=1.0.25",
+    "numpy>=2.0.0",
+    "pillow>=10.0.0",
+    "tqdm>=4.66.3",
+    "datasets>=4.7.0",  # the data schema is used by evaluation and pseudo-labels, not only by training
 ]
 
 extras_require = {
     "train": [
-        "accelerate>=1.0",
-        "evaluate>=0.4",
-        "pycocotools>=2.0.7",
-        "tensorboard>=2.14",
+        "accelerate>=1.1.0",
+        "evaluate>=0.4.0",
+        "pycocotools>=2.0.8",
+        "tensorboard>=2.17.1",
     ],
     # The dense CRF of the pseudo-labels and of the paper's evaluation: pydensecrf2 ships as source only, so this
     # extra needs a C++ compiler (Debian/Ubuntu: build-essential). Without it a run says so before training and makes
@@ -41,7 +41,7 @@ extras_require = {
     "app": ["gradio>=6.0,<7"],
     # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it; playwright drives
     # chromium in tests/test_app.py.
-    "dev": ["pytest>=8.0", "parameterized>=0.9", "playwright>=1.40"],
+    "dev": ["pytest>=8.0.0", "parameterized>=0.9.0", "playwright>=1.40"],
 }
 extras_require["all"] = sorted({req for name, reqs in extras_require.items() if name != "dev" for req in reqs})
 

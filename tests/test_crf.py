@@ -84,7 +84,7 @@ def test_missing_pydensecrf_names_the_install_command(monkeypatch):
     for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import pydensecrf...` fail
     image, _, noisy = two_region_scene()
-    with pytest.raises(ImportError, match="pip install pydensecrf2"):
+    with pytest.raises(ImportError, match=r'pip install "weaktr-hf\[crf\]"'):
         crf_refine_labels(image, noisy, num_labels=2)
-    with pytest.raises(ImportError, match=r"weaktr-hf\[train\]"):
+    with pytest.raises(ImportError, match=r"weaktr-hf\[crf\]"):
         crf_refine_probs(image, np.full((2, *noisy.shape), 0.5))

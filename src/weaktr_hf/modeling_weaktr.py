@@ -390,7 +390,8 @@ class WeakTrLayerScale(nn.Module):
 
 class WeakTrLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block; used by the encoder and by the step-2 decoder with their own sizes. Recomputed in
-    the backward pass after `model.activation_checkpointing_enable()`.
+    the backward pass after `model.activation_checkpointing_enable()` (`gradient_checkpointing_enable()` before
+    transformers 5.23).
 
     The variants fill fixed slots when the layer is built: `mlp_layer` (`WeakTrMLP` or `WeakTrGatedMLP`), `ls1` /
     `ls2` (LayerScale when `layerscale_value` is a number, identity when None), the attention's bias layout

@@ -392,6 +392,8 @@ def train_model(
         batches = train_dataloader
         if epoch == start_epoch and resume_batches > 0:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            if hasattr(batches, "set_epoch"):  # accelerate < 1.15 starts the new loader at epoch 0's shuffle
+                batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
