@@ -19,6 +19,7 @@ The findings on the demo are in docs/step2-diagnosis.md.
 """
 
 import argparse
+import ast
 import importlib.util
 import json
 import math
@@ -75,10 +76,18 @@ def main(argv=None):
     parser.add_argument("--diagnostics_name", default="step2_diagnostics")
     parser.add_argument("--diagnose_only", action="store_true")
     parser.add_argument("--fit_samples", type=int, default=200, help="training images scored against pseudo-labels")
+    parser.add_argument("--preset_value", action="append", default=[], metavar="KEY=VALUE",
+                        help="try a preset value that has no flag (e.g. clip_start_value=0.3), repeatable")
     own, train_argv = parser.parse_known_args(argv)
     if "--stage" in train_argv:
         parser.error("--stage is chosen by this script (seg, then eval); leave it out.")
     recipe = load_recipe()
+    for item in own.preset_value:
+        key, _, value = item.partition("=")
+        preset = recipe.PRESETS[recipe.parse_args(train_argv).preset]
+        if key not in preset and key not in recipe.FALLBACKS:
+            parser.error(f"--preset_value {item!r}: {key!r} is no recipe key; see examples/train.py --print_config.")
+        preset[key] = ast.literal_eval(value)
     args = recipe.parse_args(train_argv)
     for needed in ("cam", "pseudo_labels"):
         if not own.diagnose_only and not os.path.isdir(os.path.join(args.output_dir, needed)):
