@@ -99,6 +99,11 @@ def main(argv=None):
         recipe.train_model = probed_training(recipe, probe)
         recipe.main(train_argv + ["--stage", "seg"])
         results = recipe.main(train_argv + ["--stage", "eval"])
+    else:  # the finished run's scores
+        path = os.path.join(args.output_dir, "all_results.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                results = json.load(handle)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     dataset = recipe.load_data(args)
