@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WeakTrModelTester
-
 from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.data import make_synthetic_split
 from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, format_fit_report
