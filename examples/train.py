@@ -114,7 +114,8 @@ PRESETS = {
         # from a mean loss of 0.3: once on, it takes the gradient of every pixel of a class not yet learned (all of
         # them are above the cap), while the class is still pushed down everywhere else, so it is never learned. From
         # 0.63 (the paper's 1.2 x ln 5 / ln 21) it was on in half the updates by epoch 7 and eight-classes seed 42
-        # lost 3 classes its pseudo-labels hold; from 0.3, none (36.1 -> 47.2 mIoU; docs/step2-diagnosis.md).
+        # lost 3 classes its pseudo-labels hold; from 0.3, none (36.1 -> 47.2 mIoU). One seed; the decoder's collapsed
+        # class embeddings can drop classes without clipping too (docs/step2-diagnosis.md).
         clip_start_value=0.3, clip_window_size=32,
         # Evaluation geometry scaled from the authors' (base 520, passes below 480 upsampled, ratios 0.5-1.75): base
         # 64 (the native size, the step-2 base), passes below round(64 x 480 / 520) = 59 upsampled, the same ratios.
