@@ -1,0 +1,169 @@
+"""
+Why does step 2 drop a class its pseudo-labels hold? Retrain the segmenter of a run with a probe, then score it.
+
+    python examples/diagnose_step2.py --output_dir runs/eight-classes-s42 --seed 42 --synthetic_config eight-classes
+
+Give the same flags as the run (every `examples/train.py` flag works: e.g. `--clip_start_value 1.2` to test a change);
+its step-1 outputs (`cam/`, `pseudo_labels/`) must be in `--output_dir`. It trains step 2 exactly as `--stage seg`
+does (each stage reseeds; the probe's hooks change nothing), scores it as `--stage eval`, and writes
+`step2_diagnostics.json` and `step2_diagnostics.md` there (`--diagnostics_name` for another name):
+
+- per class: IoU against the training pseudo-labels (fit) beside IoU on val, pixel shares, and a warning for each
+  class the pseudo-labels hold that the segmenter never predicts (`weaktr_hf.diagnostics.class_fit_report`);
+- per class and epoch of step 2 (`weaktr_hf.diagnostics.StepTwoProbe`): pixel share in the augmented crops and
+  crops where the class covers less than one patch, share of its pixels whose loss is clipped, gradient on its
+  logits / mask embedding / patch features, and its decoder class-embedding norm.
+
+`--diagnose_only` skips training and evaluation and reports on the run's saved segmenter (no probe then).
+The findings on the demo are in docs/step2-diagnosis.md.
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import types
+
+import torch
+
+from weaktr_hf import WeakTrForSemanticSegmentation
+from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, format_fit_report
+from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
+from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset
+from weaktr_hf.training import write_json_atomic
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Measurements averaged per epoch in the Markdown report (the JSON has them all).
+SHOWN = ("share", "small", "clipped", "loss", "predicted", "logit_grad", "embedding_grad", "patch_grad",
+         "embedding_norm", "embedding_cosine", "mask_norm_bias")  # fmt: skip
+
+
+def load_recipe():
+    """The recipe's names this script uses, from the package (weaktr_hf.recipes / .stages / .train)."""
+    from weaktr_hf import recipes, stages, train
+
+    return types.SimpleNamespace(
+        PRESETS=recipes.PRESETS, FALLBACKS=recipes.FALLBACKS, parse_args=train.parse_args, main=train.main,
+        load_data=stages.load_data, split=stages.split, has_masks=stages.has_masks,
+        get_class_names=stages.get_class_names, stages=stages,
+    )  # fmt: skip
+
+
+def probed_training(train_model, probe):
+    """`train_model` with the probe attached to the step-2 model while it trains."""
+
+    def run(accelerator, model, *args, log_prefix="train", **kwargs):
+        if log_prefix != "seg":
+            return train_model(accelerator, model, *args, log_prefix=log_prefix, **kwargs)
+        probe.attach(accelerator.unwrap_model(model))
+        try:
+            return train_model(accelerator, model, *args, log_prefix=log_prefix, **kwargs)
+        finally:
+            probe.detach()
+
+    return run
+
+
+def epoch_table(epochs, class_names, key):
+    lines = [f"| {key} | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
+    for epoch in epochs:
+        if key in epoch:
+            lines.append(f"| epoch {epoch['epoch']} | " + " | ".join(f"{value:.3g}" for value in epoch[key]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--diagnostics_name", default="step2_diagnostics")
+    parser.add_argument("--diagnose_only", action="store_true")
+    parser.add_argument("--fit_samples", type=int, default=200, help="training images scored against pseudo-labels")
+    parser.add_argument(
+        "--preset_value",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="try a preset value that has no flag (e.g. clip_start_value=0.3), repeatable",
+    )
+    own, train_argv = parser.parse_known_args(argv)
+    if "--stage" in train_argv:
+        parser.error("--stage is chosen by this script (seg, then eval); leave it out.")
+    recipe = load_recipe()
+    for item in own.preset_value:
+        key, _, value = item.partition("=")
+        preset = recipe.PRESETS[recipe.parse_args(train_argv).preset]
+        if key not in preset and key not in recipe.FALLBACKS:
+            parser.error(f"--preset_value {item!r}: {key!r} is no recipe key; see weaktr-train --print_config.")
+        preset[key] = ast.literal_eval(value)
+    args = recipe.parse_args(train_argv)
+    for needed in ("cam", "pseudo_labels"):
+        if not own.diagnose_only and not os.path.isdir(os.path.join(args.output_dir, needed)):
+            parser.error(f"{args.output_dir}/{needed} is missing: run examples/train.py --stage cam, then --stage "
+                         "pseudo, with the same --output_dir and flags first.")  # fmt: skip
+    probe = StepTwoProbe()
+    results = {}
+    if not own.diagnose_only:
+        recipe.stages.train_model = probed_training(recipe.stages.train_model, probe)
+        recipe.main(train_argv + ["--stage", "seg"])
+        results = recipe.main(train_argv + ["--stage", "eval"])
+    else:  # the finished run's scores
+        path = os.path.join(args.output_dir, "all_results.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                results = json.load(handle)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    dataset = recipe.load_data(args)
+    class_names = ["background", *recipe.get_class_names(dataset)]
+    pseudo_labels = os.path.join(args.output_dir, "pseudo_labels")
+    train = pseudo_label_dataset(recipe.split(dataset, args.train_split), pseudo_labels)
+    val = recipe.split(dataset, args.val_split)
+    model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).eval()
+    processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
+                                     image_std=list(args.seg_image_std))  # fmt: skip
+    report = class_fit_report(
+        model, train, val if recipe.has_masks(val) else None, args.window_size, args.window_stride,
+        class_names=class_names, train_samples=own.fit_samples,
+        image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0],
+    )  # fmt: skip
+    steps_per_epoch = math.ceil(len(train) / args.seg_total_train_batch_size)
+    diagnostics = {"fit_report": report, "classes": class_names, "steps_per_epoch": steps_per_epoch,
+                   "training": probe.summary(steps_per_epoch) if probe.rows else None,
+                   "seg_val_miou_ms_flip": results.get("seg_val_miou_ms_flip"),
+                   "seg_val_per_class_iou": results.get("seg_val_per_class_iou")}  # fmt: skip
+    if recipe.has_masks(recipe.split(dataset, args.train_split)):  # the pseudo-labels against the truth, per class
+        scores = evaluate_pseudo_labels(recipe.split(dataset, args.train_split), pseudo_labels, len(class_names))
+        diagnostics["pseudo_label_train_miou"] = scores["mean_iou"]
+        diagnostics["pseudo_label_train_per_class_iou"] = dict(zip(class_names, scores["per_category_iou"].tolist()))
+    text = [f"# Step-2 diagnostics of {args.output_dir}", "", format_fit_report(report)]
+    truth, segmenter = diagnostics.get("pseudo_label_train_per_class_iou"), diagnostics["seg_val_per_class_iou"]
+    if truth and segmenter:
+        # Dropped: a class whose pseudo-labels reach IoU 0.2 against the truth but that ends under 0.1 on val.
+        diagnostics["dropped_classes"] = [name for name in class_names if truth[name] >= 0.2 and segmenter[name] < 0.1]
+        gap = results["seg_val_miou_ms_flip"] - diagnostics["pseudo_label_train_miou"]
+        diagnostics["val_minus_pseudo_label_miou"] = gap
+        text += [
+            "",
+            "| class | CRF pseudo-label IoU (train, truth) | segmenter IoU (val, multi-scale + flip) |",
+            "|---|---|---|",
+        ] + [f"| {name} | {truth[name]:.3f} | {segmenter[name]:.3f} |" for name in class_names]
+        text += [
+            "",
+            (
+                f"val mIoU (multi-scale + flip) minus pseudo-label mIoU: {100 * gap:+.1f} points; classes dropped "
+                f"(pseudo-label IoU >= 0.2, val IoU < 0.1): {diagnostics['dropped_classes'] or 'none'}"
+            ),
+        ]
+    if diagnostics["training"]:
+        for key in SHOWN:
+            text += ["", epoch_table(diagnostics["training"], class_names, key)]
+    write_json_atomic(os.path.join(args.output_dir, own.diagnostics_name + ".json"), diagnostics)
+    with open(os.path.join(args.output_dir, own.diagnostics_name + ".md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(text) + "\n")
+    print("\n".join(text))
+    return diagnostics
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
