@@ -359,8 +359,9 @@ def timm_backbone_config(model):
         "num_register_tokens": int(model.reg_token.shape[1]) if getattr(model, "reg_token", None) is not None else 0,
         "use_absolute_position_embeddings": model.pos_embed is not None,
     }
-    if attn.num_heads * attn.head_dim != model.embed_dim:
-        _unsupported(model, f"a head width {attn.head_dim} other than width / heads")
+    head_dim = getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads  # older timm: no attribute
+    if attn.num_heads * head_dim != model.embed_dim:
+        _unsupported(model, f"a head width {head_dim} other than width / heads")
 
     mlp_kind = type(mlp).__name__
     gated = mlp_kind in ("GluMlp", "SwiGLU")
