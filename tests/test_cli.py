@@ -170,3 +170,13 @@ def test_only_non_paper_backbones_read_their_config_from_timm(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     assert not reads_timm_config(str(tmp_path / "weights.safetensors"))
     assert reads_timm_config(str(tmp_path / "weights.safetensors"), arch="vit_small_patch16_dinov3")
+
+
+def test_a_run_without_pydensecrf_resumes_with_its_own_options(tmp_path, monkeypatch):
+    """The CRF is turned off before the run records its recipe, so resuming the same command is not refused as
+    another recipe (no_crf recorded True, asked False)."""
+    monkeypatch.setattr(weaktr_hf.crf, "crf_available", lambda: False)
+    argv = ["--output_dir", str(tmp_path), *TINY, "--checkpointing_steps", "epoch"]
+    main(argv)
+    results = main([*argv, "--resume_from_checkpoint", "latest"])
+    assert "pydensecrf2 is not installed" in results["crf_note"]

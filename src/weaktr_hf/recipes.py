@@ -290,9 +290,14 @@ def apply_preset(args):
     return args
 
 
+def requested_stages(args):
+    """The stages `--stage` asks for, in order."""
+    return STAGES if args.stage == "all" else (args.stage,)
+
+
 def check_pretrained_init(args):
     """A paper preset trained from random weights is no reproduction: stop unless `--allow_random_init` says so."""
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = requested_stages(args)
     missing = []
     if "cam" in stages and not (args.backbone or args.cam_model_name_or_path):
         missing.append("step 1 needs --backbone (ImageNet weights) or --cam_model_name_or_path")

@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 
-from .recipes import STAGES, RecipeError
+from .recipes import STAGES, RecipeError, requested_stages
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "all_results.json"
@@ -84,8 +84,7 @@ def start_run(args):
                 f"--resume_from_checkpoint: {output_dir} holds no run to resume ({RUN_FILE} is missing); start the run "
                 "without --resume_from_checkpoint."
             )
-        stages = STAGES if args.stage == "all" else (args.stage,)
-        for stage in stages:
+        for stage in requested_stages(args):
             recorded = record.get("stages", {}).get(stage, {}).get("recipe")
             if recorded is not None and recorded != recipe:
                 raise RecipeError(

@@ -48,7 +48,7 @@ from .labels import foreground_id2label, segmentation_id2label
 from .modeling_weaktr import WeakTrForCAM, WeakTrForSemanticSegmentation
 from .predict import save_predict_settings
 from .pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, stale_pseudo_labels, write_pseudo_labels
-from .recipes import CAM_NAMES, DATASET_TUNED, STAGES, cam_scheduler, epochs_for
+from .recipes import CAM_NAMES, DATASET_TUNED, cam_scheduler, epochs_for, requested_stages
 from .selection import (
     CLASSIFICATION_RULE, choose_cam_without_masks, heldout_classification_loss, mask_selection_record,
     threshold_for_cam,
@@ -795,20 +795,22 @@ def results_summary(results):
     return "\n".join(lines)
 
 
-def check_crf(args, accelerator, results):
-    """Without pydensecrf2 a recipe that uses the dense CRF runs without it, and says so before anything trains."""
+def check_crf(args, accelerator):
+    """Without pydensecrf2 a recipe that uses the dense CRF runs without it: say so before anything trains, turn the
+    CRF off in `args` (before the run records its recipe, so a resume compares like with like) and return the note
+    for the results (None when nothing changes)."""
     from .crf import INSTALL_HINT, crf_available
 
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = requested_stages(args)
     uses = [what for what, used in (("the pseudo-labels", not args.no_crf and "pseudo" in stages),
                                     ("the evaluation", bool(args.eval_crf) and "eval" in stages)) if used]  # fmt: skip
     if not uses or crf_available():
-        return
+        return None
     note = (f"pydensecrf2 is not installed, so {' and '.join(uses)} will be made without the dense CRF of the recipe "
             f"(results differ from a run with it). To use it: {INSTALL_HINT}.")  # fmt: skip
     accelerator.print(note)
     args.no_crf, args.eval_crf = True, None
-    results["crf_note"] = note
+    return note
 
 
 def announce_run(args, accelerator):
@@ -840,7 +842,7 @@ def tuned_values_kept(args):
             if key in DATASET_TUNED}  # fmt: skip
 
 
-def report(args, dataset, results, results_path, accelerator):
+def report(args, results, results_path, accelerator):
     """Print the results (or why there are none) and draw the summary figure of a run that evaluated."""
     if results.get("eval_stage_seconds") is not None:
         save_summary_figure(results, os.path.join(args.output_dir, "figures", "summary.png"))

@@ -25,8 +25,8 @@ import time
 
 from .cli import BooleanFlag, console_script
 from .recipes import (
-    CAM_NAMES, CRF_NAMES, ENCODER_NAMES, FALLBACKS, PRESETS, STAGES, apply_preset, resolve_batch_sizes,
-    resolved_config,
+    CAM_NAMES, CRF_NAMES, ENCODER_NAMES, FALLBACKS, PRESETS, STAGES, apply_preset, requested_stages,
+    resolve_batch_sizes, resolved_config,
 )  # fmt: skip
 
 logger = logging.getLogger("weaktr")
@@ -292,6 +292,7 @@ class Run:
                             handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
         resolve_batch_sizes(args, accelerator.num_processes)
         self.hub_repos = stages.prepare_hub(args) if args.push_to_hub and accelerator.is_main_process else None
+        crf_note = stages.check_crf(args, accelerator)
         # The main process claims the folder (or refuses it); the others then read the record it wrote.
         self.record = runs.start_run(args) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
@@ -310,12 +311,13 @@ class Run:
         self.results = runs.load_results(args.output_dir, self.record)
         self.results.update(run_id=self.record["run_id"], preset=args.preset, dataset=str(args.dataset_path),
                             command=args.command)  # fmt: skip
-        stages.check_crf(args, accelerator, self.results)
+        if crf_note:
+            self.results["crf_note"] = crf_note
         kept = stages.tuned_values_kept(args)
         if kept:
             self.results["preset_values_kept"] = kept
         self.results_path = os.path.join(args.output_dir, runs.RESULTS_FILE)
-        self.stages = STAGES if args.stage == "all" else (args.stage,)
+        self.stages = requested_stages(args)
 
     def run_stage(self, stage):
         """Run one stage from the seed; its results replace the stage's earlier ones in all_results.json."""
@@ -337,7 +339,7 @@ class Run:
     def finish(self):
         """Print the results (or why there are none), draw the summary figure, push to the Hub if asked."""
         if self.accelerator.is_main_process:
-            self.stages_module.report(self.args, self.dataset, self.results, self.results_path, self.accelerator)
+            self.stages_module.report(self.args, self.results, self.results_path, self.accelerator)
             if self.hub_repos is not None:
                 self.stages_module.push_run(self.args, self.hub_repos, self.results)
         self.accelerator.end_training()
