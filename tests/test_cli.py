@@ -161,6 +161,13 @@ def test_encoder_names_are_the_configs_variants():
     assert set(ENCODER_NAMES) == set(ENCODER_VARIANTS)
 
 
+def test_loss_average_choices_are_the_configs():
+    from weaktr_hf.configuration_weaktr import LOSS_AVERAGES as CONFIG_AVERAGES
+    from weaktr_hf.recipes import LOSS_AVERAGES
+
+    assert LOSS_AVERAGES == CONFIG_AVERAGES
+
+
 def test_only_non_paper_backbones_read_their_config_from_timm(tmp_path):
     from weaktr_hf.stages import reads_timm_config
 

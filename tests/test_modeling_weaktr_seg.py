@@ -297,6 +297,54 @@ def test_loss_without_clipping_in_valid_pixels_mode_is_plain_cross_entropy(teste
                                F.cross_entropy(logits, labels, ignore_index=255))  # fmt: skip
 
 
+def test_class_average_weighs_each_present_class_alike(tester):
+    """`loss_average="classes"`: the mean over the classes in the labels of each class's mean cross-entropy, so a
+    class with few pixels counts as much as the background; ignored pixels count nowhere."""
+    config = tester.get_segmentation_config(use_gradient_clipping=False, loss_average="classes")
+    logits, labels = random_logits_and_labels(tester, logit_size=(20, 28))
+    labels[labels == 2] = 1  # class 2 absent: not averaged in
+    labels[0, :2, :3] = 3  # a 6-pixel class
+    pixel_losses = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    per_class = [pixel_losses[labels == label].mean() for label in (0, 1, 3)]
+    loss = semantic_segmentation_loss(logits, labels, config)
+    torch.testing.assert_close(loss, torch.stack(per_class).mean())
+    assert not torch.isclose(loss, F.cross_entropy(logits, labels, ignore_index=255))
+    loss.backward()  # the small class's pixels get as much gradient in total as the background's
+    grad = logits.grad.abs().sum(1)
+    assert grad[labels == 3].sum() > 0.2 * grad[labels == 0].sum()
+
+
+def test_class_balance_moves_from_the_pixel_mean_to_the_class_mean(tester):
+    logits, labels = random_logits_and_labels(tester, logit_size=(20, 28))
+    labels[0, :2, :3] = 3  # a small class
+    pixel_losses = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    present = [label for label in range(NUM_LABELS) if (labels == label).any()]
+    counts = torch.tensor([float((labels == label).sum()) for label in present])
+    means = torch.stack([pixel_losses[labels == label].mean() for label in present])
+
+    def loss(balance):
+        config = tester.get_segmentation_config(use_gradient_clipping=False, loss_average="classes",
+                                                loss_class_balance=balance)  # fmt: skip
+        return semantic_segmentation_loss(logits, labels, config)
+
+    torch.testing.assert_close(loss(0.0), F.cross_entropy(logits, labels, ignore_index=255))
+    torch.testing.assert_close(loss(1.0), means.mean())
+    weights = counts.sqrt()
+    torch.testing.assert_close(loss(0.5), (weights * means).sum() / weights.sum())
+    with pytest.raises(ValueError, match="loss_class_balance"):
+        tester.get_segmentation_config(loss_class_balance=1.5)
+
+
+def test_class_average_with_clipping_clips_against_valid_pixel_means(tester):
+    config = tester.get_segmentation_config(clip_window_size=4, loss_average="classes", clip_start_value=5.0)
+    logits, labels = random_logits_and_labels(tester, height=16, width=24, logit_size=(16, 24))
+    pixel_losses = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    clipped = clip_pixel_losses(pixel_losses, labels != 255, 5.0, 4, "valid_pixels")
+    assert not torch.equal(clipped, pixel_losses)
+    expected = torch.stack([clipped[labels == label].mean() for label in labels.unique() if label != 255]).mean()
+    torch.testing.assert_close(semantic_segmentation_loss(logits, labels, config), expected)
+
+
 def test_loss_with_clipping_equals_authors_pipeline(tester):
     config = tester.get_segmentation_config(clip_window_size=4)
     logits, labels = random_logits_and_labels(tester, height=16, width=24, logit_size=(16, 24))
@@ -311,7 +359,7 @@ def test_loss_with_clipping_equals_authors_pipeline(tester):
 
 
 @pytest.mark.parametrize("clipping", [True, False])
-@pytest.mark.parametrize("average", ["all_pixels", "valid_pixels"])
+@pytest.mark.parametrize("average", ["all_pixels", "valid_pixels", "classes"])
 def test_all_ignored_labels_give_finite_zero_loss_with_a_graph(tester, clipping, average):
     model = build_model(tester, use_gradient_clipping=clipping, loss_average=average).train()
     labels = torch.full((2, 32, 32), 255, dtype=torch.long)
@@ -407,3 +455,21 @@ def test_auto_model_loads_the_encoder_of_a_saved_step1_model(tester, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixel_values).last_hidden_state,
                                    cam.weaktr(pixel_values).last_hidden_state)  # fmt: skip
+
+
+@pytest.mark.parametrize("std", [None, 1.0])
+def test_decoder_class_embeddings_start_at_the_configured_spread(tester, tmp_path, std):
+    """Unset, the class embeddings start as the authors' (truncated normal, std initializer_range = 0.02); a set
+    `decoder_class_embedding_std` widens them, and a saved model keeps the option and its trained values."""
+    torch.manual_seed(0)
+    config = tester.get_segmentation_config(decoder_hidden_size=64, decoder_num_attention_heads=4,
+                                            decoder_intermediate_size=128, decoder_class_embedding_std=std)  # fmt: skip
+    model = WeakTrForSemanticSegmentation(config)
+    expected = config.initializer_range if std is None else std
+    assert model.decoder.cls_emb.std().item() == pytest.approx(expected, rel=0.25)
+    if std is not None:  # nearly orthogonal from the start, where 0.02 leaves them as small as the rest
+        assert model.decoder.cls_emb.norm(dim=-1).min() > 4
+    model.save_pretrained(tmp_path)
+    loaded = WeakTrForSemanticSegmentation.from_pretrained(tmp_path)
+    assert loaded.config.decoder_class_embedding_std == std
+    torch.testing.assert_close(loaded.decoder.cls_emb, model.decoder.cls_emb)

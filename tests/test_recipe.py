@@ -43,6 +43,12 @@ AUTHORS = {
         "eval_scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "eval_base_size": 520, "eval_min_size": 480,
         "eval_crf": "voc12", "eval_aux_weight": 0.8, "coco_id_layout": "contiguous",
         "pseudo_label_eval_split": "train", "layer_norm_eps": 1e-6, "seg_layer_norm_eps": 1e-5, "cam_drop_last": True,
+        # Unset: the model's initializer_range, 0.02, as Segmenter's trunc_normal_(cls_emb, std=0.02) in the
+        # authors' decoder (OR/model/decoder.py:74).
+        "decoder_class_embedding_std": None,
+        # Per-pixel cross-entropy (ignore_index), clipped, then a plain mean over the map: OR/engine.py:21, 40, 47-48
+        # (weight_reduce_loss, OR/data/utils.py:80), clipping in OR/model/decoder.py:119.
+        "loss_average": "all_pixels",
     },
 }  # fmt: skip
 AUTHORS["coco14-deit-s"] = {
@@ -209,6 +215,18 @@ def test_demo_clipping_starts_at_the_papers_fraction_of_the_chance_loss(script):
     demo, voc = script.parse_args([]), script.parse_args(["--preset", "voc12-deit-s", *PAPER_RUN, "--print_config"])
     assert voc.clip_start_value == 1.2 and demo.synthetic_num_classes == 4
     assert demo.clip_start_value == pytest.approx(1.2 * np.log(demo.synthetic_num_classes + 1) / np.log(21), abs=5e-3)
+
+
+def test_demo_step2_keeps_every_class_the_paper_presets_keep_the_authors_step2(script):
+    """The demo's step-2 choices (docs/step2-diagnosis.md) are the demo's only: wide class embeddings and a
+    square-root class-balanced loss; a paper preset keeps the authors' 0.02 embeddings and pixel mean."""
+    demo = script.parse_args([])
+    assert (demo.decoder_class_embedding_std, demo.loss_average, demo.loss_class_balance) == (1.0, "classes", 0.5)
+    for preset in ("voc12-deit-s", "coco14-deit-s", "own-deit-s", "voc12-dinov3-s"):
+        paper = script.parse_args(["--preset", preset, *PAPER_RUN, "--print_config"])
+        assert (paper.decoder_class_embedding_std, paper.loss_average) == (None, "all_pixels"), preset
+    config = script.seg_model_config(demo, {0: "background", 1: "disc"})
+    assert (config.decoder_class_embedding_std, config.loss_average, config.loss_class_balance) == (1.0, "classes", 0.5)
 
 
 def tiny_segmenter(tester, layers=2):

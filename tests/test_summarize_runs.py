@@ -36,3 +36,20 @@ def test_table_gives_mean_std_range_and_margin_over_the_baseline(tmp_path, capsy
 def test_a_column_without_run_folders_is_refused():
     with pytest.raises(SystemExit):
         summarize.main(["default"])
+
+
+def test_table_gives_the_gap_to_the_pseudo_labels_and_the_dropped_classes_per_run(tmp_path, capsys):
+    pseudo = {"background": 0.9, "disc": 0.5, "cross": 0.19}
+    first = write_run(tmp_path / "a", pseudo_label_crf_miou=0.53, seg_val_miou_ms_flip=0.50,
+                      pseudo_label_crf_per_class_iou=pseudo,
+                      seg_val_per_class_iou={"background": 0.9, "disc": 0.05, "cross": 0.0})  # fmt: skip
+    second = write_run(tmp_path / "b", pseudo_label_crf_miou=0.53, seg_val_miou_ms_flip=0.56,
+                       pseudo_label_crf_per_class_iou=pseudo,
+                       seg_val_per_class_iou={"background": 0.9, "disc": 0.4, "cross": 0.0})  # fmt: skip
+    older = write_run(tmp_path / "c", pseudo_label_crf_miou=0.5, seg_val_miou_ms_flip=0.4)
+    summarize.main([f"two={first},{second}", f"old={older}"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["segmentation minus CRF pseudo-labels"][0] == "0.0 ± 4.2 (2; -3.0-3.0)"
+    dropped = rows["classes dropped by step 2 (pseudo-labels >= 0.2, segmenter < 0.1), per run"]
+    # disc dropped in the first run only; cross is under 0.2 in its pseudo-labels, so it does not count
+    assert dropped[0] == "disc; none" and dropped[1].rstrip(" |") == "-"

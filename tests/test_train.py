@@ -65,6 +65,11 @@ def test_whole_recipe_writes_models_results_and_figures(finished_run):
         with PIL.Image.open(output_dir / "figures" / name) as figure:
             assert figure.height >= 256, name
     assert json.loads((output_dir / "cam_selection.json").read_text())["threshold"] in (0.3, 0.5)
+    # The eval stage also scores the segmenter against its own training pseudo-labels, per class.
+    fit = saved["seg_train_fit_per_class_iou"]
+    assert list(saved["pseudo_label_crf_per_class_iou"]) == list(fit) == list(saved["pseudo_label_per_class_iou"])
+    assert list(fit) == list(saved["seg_val_per_class_iou"]) and all(0.0 <= iou <= 1.0 for iou in fit.values())
+    assert saved["seg_train_fit_samples"] == NUM_TRAIN and 0.0 <= saved["seg_train_fit_miou"] <= 1.0
 
 
 def test_saved_models_reload_and_run_in_the_pipelines(finished_run):
@@ -120,6 +125,29 @@ def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_
     alone = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg").state_dict()
     assert whole.keys() == alone.keys()
     assert all(torch.equal(whole[key], alone[key]) for key in whole)
+
+
+def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_hold(script, finished_run, tmp_path,
+                                                                                    capsys):
+    output_dir, _ = finished_run
+    rerun = tmp_path / "rerun"
+    for name in ("cam", "pseudo_labels", "seg"):
+        shutil.copytree(output_dir / name, rerun / name)
+    model = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg")
+    with torch.no_grad():  # the class LayerNorm gives only its bias: background everywhere
+        model.decoder.mask_norm.weight.zero_()
+        model.decoder.mask_norm.bias.copy_(torch.tensor([5.0] + [0.0] * (model.config.num_labels - 1)))
+    model.save_pretrained(rerun / "seg")
+    capsys.readouterr()
+
+    results = script.main(["--output_dir", str(rerun), "--stage", "eval", *TINY])
+
+    labels = np.concatenate([np.asarray(PIL.Image.open(path)).ravel() for path in (rerun / "pseudo_labels").glob("*.png")])
+    held = [name for index, name in enumerate(results["seg_train_fit_per_class_iou"]) if index and (labels == index).any()]
+    assert held and results["seg_never_predicted_classes"] == held
+    assert all(results["seg_train_fit_per_class_iou"][name] == 0.0 for name in held)
+    out = capsys.readouterr().out
+    assert out.count("WARNING: class") == len(held) and "never predicts " + ", ".join(held) in out
 
 
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):

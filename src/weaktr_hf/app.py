@@ -223,8 +223,11 @@ def selection_rows(selection):
 
 
 def per_class_rows(results):
-    """The segmenter's per-class validation IoU of all_results.json as `[[class, IoU %]]` rows."""
-    return [[name, f"{100 * iou:.1f}"] for name, iou in results.get("seg_val_per_class_iou", {}).items()]
+    """The segmenter's per-class validation IoU of all_results.json as `[[class, IoU %]]` rows, with its IoU against
+    its own training pseudo-labels (fit) as a third column when the run scored it."""
+    fit = results.get("seg_train_fit_per_class_iou") or {}
+    return [[name, f"{100 * iou:.1f}"] + ([f"{100 * fit[name]:.1f}"] if name in fit else [])
+            for name, iou in results.get("seg_val_per_class_iou", {}).items()]
 
 
 def _recipe():
@@ -631,8 +634,10 @@ def build_run_tab(app, gr):
                     gr.Dataframe(selection_rows(run.selection), headers=["threshold", "score"],
                                  label=f"step-1 selection score per threshold ({run.selection.get('cam')})")
                 if per_class_rows(run.results):
-                    gr.Dataframe(per_class_rows(run.results), headers=["class", "IoU %"],
-                                 label="segmenter, validation IoU per class")
+                    rows = per_class_rows(run.results)
+                    headers = ["class", "val IoU %", "fit to pseudo-labels %"][: len(rows[0])]
+                    gr.Dataframe(rows, headers=headers, label="segmenter per class: validation IoU, and IoU against "
+                                 "its own training pseudo-labels (fit)")
             with gr.Column():
                 gr.Dataframe(results_rows(run.results), headers=["all_results.json", "value"], label="numbers",
                              max_height=420, elem_id="results", wrap=True)  # fmt: skip

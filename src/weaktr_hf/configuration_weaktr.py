@@ -4,7 +4,7 @@ from transformers import PreTrainedConfig
 
 POSITION_INTERPOLATIONS = ("bicubic_scale_factor", "bicubic", "bilinear")
 AAF_POOLINGS = ("max", "avg")
-LOSS_AVERAGES = ("all_pixels", "valid_pixels")
+LOSS_AVERAGES = ("all_pixels", "valid_pixels", "classes")
 ROPE_TYPES = ("eva02", "dinov3")
 # Block layouts of the authors' step-2 encoders (their OnlineRetraining/segm/model/{vit,eva02}.py): the WeakTrConfig fields that differ.
 # "vit" is DeiT-S and the augreg ViT-S; "dinov2" adds LayerScale; "eva02" has a SiLU-gated MLP (EVA-02-S: width 1024,
@@ -122,6 +122,12 @@ class WeakTrConfig(PreTrainedConfig):
             Decoder stochastic depth.
         decoder_layer_norm_eps (`float`, *optional*, defaults to 1e-5):
             Epsilon of the decoder's LayerNorms (PyTorch's default, as the authors' decoder).
+        decoder_class_embedding_std (`float`, *optional*):
+            Standard deviation of the truncated-normal initialisation of the decoder's learned class embeddings;
+            `None` uses `initializer_range` (0.02, the authors' decoder). A small model trained briefly can need more
+            (the offline demo uses 1.0): at 0.02 the class embeddings are small beside what the decoder's attention
+            adds to them, so every class leaves the decoder with nearly the same mask embedding
+            (docs/step2-diagnosis.md).
         use_gradient_clipping (`bool`, *optional*, defaults to `True`):
             Use the gradient-clipping loss of the step-2 decoder; `False` gives plain cross-entropy.
         clip_start_value (`float`, *optional*, defaults to 1.2):
@@ -130,7 +136,12 @@ class WeakTrConfig(PreTrainedConfig):
             Side in pixels of the windows whose mean loss caps each pixel's loss.
         loss_average (`str`, *optional*, defaults to `"all_pixels"`):
             `"all_pixels"` averages every loss over all pixels with ignored ones counted as zeros (the authors' way);
-            `"valid_pixels"` averages over non-ignored pixels only.
+            `"valid_pixels"` averages over non-ignored pixels only; `"classes"` takes each class's mean pixel loss
+            (non-ignored pixels) and averages those over the classes present in the batch, so a class weighs the same
+            whatever its pixel count (clipping then compares means over non-ignored pixels).
+        loss_class_balance (`float`, *optional*, defaults to 1.0):
+            With `loss_average="classes"`: each class's mean loss weighs (its pixel count) ** (1 - this); 1 weighs
+            the classes alike, 0 gives the mean over non-ignored pixels, 0.5 is in between. Must be in [0, 1].
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by the step-2 loss.
         auxiliary_ensemble_weight (`float`, *optional*, defaults to 0.0):
@@ -182,11 +193,13 @@ class WeakTrConfig(PreTrainedConfig):
     decoder_hidden_dropout_prob: float = 0.1
     decoder_drop_path_rate: float = 0.0
     decoder_layer_norm_eps: float = 1e-5
+    decoder_class_embedding_std: float | None = None
     # Step 2: gradient clipping (start once mean loss <= 1.2; 120 px windows = 4 per side of a 480 crop).
     use_gradient_clipping: bool = True
     clip_start_value: float = 1.2
     clip_window_size: int = 120
     loss_average: str = "all_pixels"
+    loss_class_balance: float = 1.0
     semantic_loss_ignore_index: int = 255
     # Step 2 inference: the authors' decoder ensemble (0.8 in their evaluation; 0 = the final output alone).
     auxiliary_ensemble_weight: float = 0.0
@@ -266,6 +279,8 @@ class WeakTrConfig(PreTrainedConfig):
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"WeakTrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.loss_class_balance <= 1.0:
+            raise ValueError(f"WeakTrConfig.loss_class_balance must be in [0, 1], got {self.loss_class_balance!r}.")
         for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob",
                      "decoder_hidden_dropout_prob", "decoder_drop_path_rate"):  # fmt: skip
             value = getattr(self, name)

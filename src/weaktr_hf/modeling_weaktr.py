@@ -496,7 +496,8 @@ class WeakTrPreTrainedModel(PreTrainedModel):
                 if embedding is not None:
                     init.trunc_normal_(embedding, std=std)
         elif isinstance(module, WeakTrMaskTransformerDecoder):
-            init.trunc_normal_(module.cls_emb, std=std)
+            class_std = module.class_embedding_std
+            init.trunc_normal_(module.cls_emb, std=std if class_std is None else class_std)
             scale = module.proj_patch.shape[0] ** -0.5
             init.normal_(module.proj_patch, std=scale)
             init.normal_(module.proj_classes, std=scale)
@@ -886,6 +887,7 @@ class WeakTrMaskTransformerDecoder(nn.Module):
         self.num_labels = config.num_labels
         self.proj_dec = nn.Linear(config.hidden_size, width)
         self.cls_emb = nn.Parameter(torch.zeros(1, config.num_labels, width))
+        self.class_embedding_std = config.decoder_class_embedding_std
         num_layers = config.decoder_num_hidden_layers
         rates = torch.linspace(0, config.decoder_drop_path_rate, num_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(
@@ -959,14 +961,14 @@ def clip_pixel_losses(pixel_losses, valid_mask, start_value, window_size, averag
         pixel_losses: `(B, H, W)` per-pixel losses, 0 at ignored pixels.
         valid_mask: `(B, H, W)` bool, False at ignored pixels.
         average: `"all_pixels"` takes every mean over all pixels, ignored ones counted as zeros (the authors' way);
-            `"valid_pixels"` over non-ignored pixels only.
+            `"valid_pixels"` (and `"classes"`) over non-ignored pixels only.
 
     Windows tile the image from the top-left over the batch-averaged loss map; a border window that sticks out
     counts only real pixels. When H and W are multiples of `window_size` this equals the authors' implementation.
     A map smaller than the window has one window, the whole map: the cap is then the global mean (warned once).
     """
     detached = pixel_losses.detach()
-    weights = valid_mask.to(detached.dtype) if average == "valid_pixels" else torch.ones_like(detached)
+    weights = valid_mask.to(detached.dtype) if average != "all_pixels" else torch.ones_like(detached)
     global_mean = (detached * weights).sum() / weights.sum().clamp_min(1.0)
     if global_mean > start_value:
         return pixel_losses
@@ -999,7 +1001,25 @@ def semantic_segmentation_loss(logits, labels, config):
         )
     if config.loss_average == "valid_pixels":
         return (pixel_losses * valid).sum() / valid.sum().clamp_min(1)
+    if config.loss_average == "classes":
+        return class_balanced_mean(pixel_losses, labels, valid, config.num_labels, config.loss_class_balance)
     return pixel_losses.mean()
+
+
+def class_balanced_mean(pixel_losses, labels, valid, num_labels, balance=1.0):
+    """Each class's mean pixel loss, averaged over the classes present in the batch with weights proportional to
+    (pixel count) ** (1 - balance): with `balance` 1 every class the labels hold weighs the same whatever its size,
+    with 0 this is the mean over valid pixels, in between rare classes count more than their pixels. Ignored pixels
+    count nowhere; 0 with a graph if nothing is valid."""
+    index = torch.where(valid, labels, 0).flatten()
+    weights = valid.flatten().to(pixel_losses.dtype)
+    counts = torch.zeros(num_labels, dtype=pixel_losses.dtype, device=pixel_losses.device).index_add_(0, index, weights)
+    sums = torch.zeros_like(counts).index_add_(0, index, pixel_losses.flatten() * weights)
+    present = counts > 0
+    if not present.any():
+        return pixel_losses.sum() * 0.0
+    class_weights = counts[present] ** (1.0 - balance)
+    return (class_weights * sums[present] / counts[present]).sum() / class_weights.sum()
 
 
 class WeakTrForSemanticSegmentation(WeakTrPreTrainedModel):

@@ -12,6 +12,7 @@ import os
 STAGES = ("cam", "pseudo", "seg", "eval")
 CAM_NAMES = ("coarse_cam", "fine_cam", "cross_attention")
 ENCODER_NAMES = ("dinov2", "dinov3", "eva02", "vit")  # the step-2 block layouts (weaktr_hf.configuration_weaktr.ENCODER_VARIANTS)
+LOSS_AVERAGES = ("all_pixels", "valid_pixels", "classes")  # weaktr_hf.configuration_weaktr.LOSS_AVERAGES
 # timm's ImageNet statistics (timm.data.constants IMAGENET_DEFAULT_MEAN / _STD).
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -54,6 +55,11 @@ PRESETS = {
         # At 1.2 (75% of ln 5) it starts within the first steps, and the classes not yet learned (their pixels above
         # the cap, so without gradient) stay at IoU 0 (README, "The offline demo, measured").
         clip_start_value=0.63, clip_window_size=32,
+        # Step 2 learns every class its pseudo-labels hold (docs/step2-diagnosis.md): class embeddings of std 1.0
+        # (at the authors' 0.02 all classes leave the decoder with nearly one mask embedding, cosine 0.99), and the
+        # loss averaged over classes, each weighing the square root of its pixel count (a plain pixel mean lets the
+        # background crowd out the small classes within 630 updates). Paper presets: 0.02 and the pixel mean.
+        decoder_class_embedding_std=1.0, loss_average="classes", loss_class_balance=0.5,
         # Evaluation geometry scaled from the authors' (base 520, passes below 480 upsampled, ratios 0.5-1.75): base
         # 64 (the native size, the step-2 base), passes below round(64 x 480 / 520) = 59 upsampled, the same ratios.
         window_size=64, window_stride=48, eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), eval_min_size=59,
@@ -248,6 +254,8 @@ FALLBACKS = dict(
     validation_split_percentage=10.0, on_bad_sample="raise", synthetic_config="default", license=None,
     cam_eval_subset="all", train_length_rule="epochs", target_train_updates=None, max_train_epochs=None,
     seg_target_train_updates=None, seg_max_train_epochs=None, eval_without_masks="evaluate",
+    decoder_class_embedding_std=None, fit_report_samples=200, loss_average="all_pixels",
+    loss_class_balance=1.0,
 )  # fmt: skip
 
 

@@ -25,7 +25,8 @@ NOT_RECIPE = {
     "stage", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "print_config", "push_to_hub",
     "hub_model_id", "hub_token", "hub_private_repo", "with_tracking", "report_to", "logging_steps", "num_threads",
     "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "num_visualizations", "license",
-    "per_device_train_batch_size", "seg_per_device_train_batch_size", "gradient_accumulation_steps", "command",
+    "fit_report_samples", "per_device_train_batch_size", "seg_per_device_train_batch_size", "gradient_accumulation_steps",
+    "command",
 }
 
 

@@ -207,8 +207,10 @@ def model_config(args, id2label, image_size, layer_norm_eps=None, **encoder_fiel
         decoder_num_attention_heads=args.decoder_num_attention_heads,
         decoder_intermediate_size=args.decoder_intermediate_size,
         decoder_hidden_dropout_prob=args.decoder_hidden_dropout_prob,
+        decoder_class_embedding_std=args.decoder_class_embedding_std,
         use_gradient_clipping=args.use_gradient_clipping, clip_start_value=args.clip_start_value,
-        clip_window_size=args.clip_window_size, id2label=id2label,
+        clip_window_size=args.clip_window_size, loss_average=args.loss_average,
+        loss_class_balance=args.loss_class_balance, id2label=id2label,
         layer_norm_eps=layer_norm_eps or (1e-6 if args.backbone else 1e-5),
         fine_cam_scale=args.fine_cam_scale or 1.0,
     )  # fmt: skip
@@ -551,7 +553,11 @@ def pseudo_stage(args, accelerator, dataset, class_names, results):
         scored = {"pseudo_labels": "pseudo_label_crf_miou" if crf else "pseudo_label_miou",
                   "pseudo_labels_nocrf": "pseudo_label_miou"}  # fmt: skip
         for name, folder in folders.items():
-            results[scored[name]] = evaluate_pseudo_labels(train, folder, len(class_names) + 1)["mean_iou"]
+            scores = evaluate_pseudo_labels(train, folder, len(class_names) + 1)
+            results[scored[name]] = scores["mean_iou"]
+            results[scored[name].replace("_miou", "_per_class_iou")] = {
+                label: _float(iou) for label, iou in zip(["background", *class_names], scores["per_category_iou"])
+            }
             # The paper's pseudo-label mIoU is on VOC `train` (1,464 images), a subset of train_aug.
             if args.pseudo_label_eval_split:
                 images = split(dataset, args.pseudo_label_eval_split)
@@ -698,10 +704,34 @@ def eval_stage(args, accelerator, dataset, class_names, results):
             results["seg_val_miou_ms_flip_crf"] = multi["crf"]["mean_iou"]
         if "final_only" in multi:  # the ensemble's final decoder output alone, from the same passes
             results["seg_val_miou_ms_flip_final_only"] = multi["final_only"]["mean_iou"]
+    fit_report(args, accelerator, model, dataset, class_names, common, results)
     if args.dataset_path == "synthetic" and accelerator.is_main_process:
         results["trivial_baseline_miou"] = trivial_baseline_miou(split(dataset, args.val_split))
     if accelerator.is_main_process:
         save_cam_overlays(args, split(dataset, args.train_split), figures, class_names)
+
+
+def fit_report(args, accelerator, model, dataset, class_names, common, results):
+    """How well the segmenter fits its own training pseudo-labels, per class (single scale, the first
+    `--fit_report_samples` training images), and a warning for each class they hold that it never predicts: a class
+    step 2 failed to learn (docs/step2-diagnosis.md). Skipped with 0 samples or without pseudo-labels."""
+    from .diagnostics import class_fit_report
+
+    folder = os.path.join(args.output_dir, "pseudo_labels")
+    if not args.fit_report_samples or not os.path.isdir(folder):
+        return
+    train = pseudo_label_dataset(split(dataset, args.train_split), folder)
+    options = {k: v for k, v in common.items() if k not in ("max_samples", "skip_unlabelled")}
+    report = class_fit_report(model, train, None, class_names=["background", *class_names],
+                              train_samples=args.fit_report_samples, **options)  # fmt: skip
+    results.update(
+        seg_train_fit_miou=report["fit_miou"], seg_train_fit_samples=report["fit_samples"],
+        seg_train_fit_per_class_iou={row["name"]: _float(row["fit_iou"]) for row in report["classes"]},
+        seg_never_predicted_classes=[row["name"] for row in report["classes"]
+                                     if row["pseudo_label_share"] > 0 and row["fit_predicted_share"] == 0],
+    )  # fmt: skip
+    for warning in report["warnings"]:
+        accelerator.print(f"WARNING: {warning}")
 
 
 def save_summary_figure(results, path):
@@ -784,6 +814,12 @@ def results_summary(results):
         lines.append("Nothing was scored: the data has no ground-truth masks. Look at the predictions and figures.")
     else:
         lines.append("No mIoU yet: the pseudo and eval stages score the run.")
+    if results.get("seg_never_predicted_classes"):
+        lines.append(
+            f"WARNING: the segmenter never predicts {', '.join(results['seg_never_predicted_classes'])} on "
+            f"{results['seg_train_fit_samples']} training images although their pseudo-labels hold them: step 2 did "
+            "not learn these classes (seg_train_fit_per_class_iou in all_results.json; docs/step2-diagnosis.md)."
+        )
     if results.get("cam_choice_rule"):
         lines.append(
             f"Without masks the pseudo-labels come from {results['cam_choice']} at threshold "

@@ -25,7 +25,7 @@ import time
 
 from .cli import BooleanFlag, console_script
 from .recipes import (
-    CAM_NAMES, CRF_NAMES, ENCODER_NAMES, FALLBACKS, PRESETS, STAGES, apply_preset, requested_stages,
+    CAM_NAMES, CRF_NAMES, ENCODER_NAMES, FALLBACKS, LOSS_AVERAGES, PRESETS, STAGES, apply_preset, requested_stages,
     resolve_batch_sizes, resolved_config,
 )  # fmt: skip
 
@@ -111,6 +111,8 @@ OPTIONS = {
         ("--decoder_num_attention_heads", "step-2 decoder heads", dict(type=int)),
         ("--decoder_intermediate_size", "step-2 decoder MLP width", dict(type=int)),
         ("--decoder_hidden_dropout_prob", "step-2 decoder dropout", dict(type=float)),
+        ("--decoder_class_embedding_std",
+         "init std of the decoder's class embeddings (unset: initializer_range, 0.02 as the authors')", dict(type=float)),
     ],
     "Step 1 (CAM training)": [
         ("--total_train_batch_size", "global step-1 batch: each process gets it / (processes x accumulation steps)",
@@ -188,6 +190,10 @@ OPTIONS = {
         ("--gradient_clipping", "the gradient-clipping loss of step 2 (else plain cross-entropy)",
          dict(action=BooleanFlag, dest="use_gradient_clipping")),
         ("--clip_start_value", "loss value where clipping starts", dict(type=float)),
+        ("--loss_average", "step-2 loss mean: over all pixels (the authors'), non-ignored ones, or the mean of each "
+         "class's mean", dict(choices=LOSS_AVERAGES)),
+        ("--loss_class_balance", "with --loss_average classes: a class weighs (its pixels) ** (1 - this): 1 alike, "
+         "0 by pixels", dict(type=float)),
         ("--clip_window_size", "clipping window in pixels", dict(type=int)),
     ],
     "Evaluation": [
@@ -201,6 +207,8 @@ OPTIONS = {
         ("--eval_aux_weight", "add this x the probabilities decoded before the last decoder block", dict(type=float)),
         ("--eval_crf", "also score with the dense CRF on the probabilities", dict(choices=CRF_NAMES)),
         ("--num_visualizations", "figures written per stage", dict(type=int)),
+        ("--fit_report_samples", "training images on which the eval stage scores the segmenter against its own "
+         "pseudo-labels, per class (0: skip)", dict(type=int)),
         ("--eval_without_masks", "a validation split without masks: evaluated as with masks, or only predicted at one "
          "pass", dict(choices=("evaluate", "predict"))),
     ],
