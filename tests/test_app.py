@@ -27,6 +27,7 @@ from weaktr_hf.app import (
     cam_result,
     load_predictor,
     parse_args,
+    per_class_rows,
     read_upload,
     run_dataset,
     sort_table,
@@ -142,6 +143,13 @@ def test_inspect_run_shows_what_the_run_wrote_and_sorts_worst_iou_first(tiny_run
     assert "mIoU on this image" in summary
     panels, _ = app.inspect_image("val", 0)
     assert [caption for _, caption in panels][-2:] == ["prediction", "ground truth"]
+
+
+def test_per_class_rows_put_the_fit_to_the_pseudo_labels_beside_the_val_iou():
+    results = {"seg_val_per_class_iou": {"background": 0.9, "disc": 0.25}}
+    assert per_class_rows(results) == [["background", "90.0"], ["disc", "25.0"]]
+    results["seg_train_fit_per_class_iou"] = {"background": 0.85, "disc": 0.0}
+    assert per_class_rows(results) == [["background", "90.0", "85.0"], ["disc", "25.0", "0.0"]]
 
 
 def test_cli_needs_a_run_or_a_model_and_says_so(tmp_path, capsys):

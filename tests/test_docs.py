@@ -73,3 +73,25 @@ def test_every_predict_and_convert_command_in_the_readme_parses():
             parsers[words[0]](words[1:])
             seen.add(words[0])
     assert seen == set(parsers)
+
+
+def test_the_readmes_summary_command_names_its_columns(tmp_path, capsys):
+    """`summarize_runs.py` takes LABEL=RUN[,RUN...]: the README's command, pointed at finished runs, prints the table."""
+    from conftest import load_example
+
+    summarize = load_example("summarize_runs.py", "summarize_runs")
+    commands = [shlex.split(c) for c in readme_commands() if "summarize_runs.py" in c]
+    assert commands
+    for words in commands:
+        argv = words[words.index("examples/summarize_runs.py") + 1:]
+        for index, item in enumerate(argv):
+            label, _, folders = item.partition("=")
+            rewritten = []
+            for folder in folders.split(","):
+                run = tmp_path / str(index) / Path(folder).name
+                run.mkdir(parents=True)
+                (run / "all_results.json").write_text(json.dumps({"seg_val_miou_ms_flip": 0.5}))
+                rewritten.append(str(run))
+            argv[index] = f"{label}={','.join(rewritten)}"
+        summarize.main(argv)
+        assert "| segmentation, multi-scale + flip (val) | 50.0 ± 0.0 (3; 50.0-50.0) |" in capsys.readouterr().out
