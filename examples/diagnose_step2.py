@@ -29,7 +29,7 @@ import types
 import torch
 
 from weaktr_hf import WeakTrForSemanticSegmentation
-from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, format_fit_report
+from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset
 from weaktr_hf.training import write_json_atomic
@@ -139,8 +139,7 @@ def main(argv=None):
     text = [f"# Step-2 diagnostics of {args.output_dir}", "", format_fit_report(report)]
     truth, segmenter = diagnostics.get("pseudo_label_train_per_class_iou"), diagnostics["seg_val_per_class_iou"]
     if truth and segmenter:
-        # Dropped: a class whose pseudo-labels reach IoU 0.2 against the truth but that ends under 0.1 on val.
-        diagnostics["dropped_classes"] = [name for name in class_names if truth[name] >= 0.2 and segmenter[name] < 0.1]
+        diagnostics["dropped_classes"] = dropped_classes(truth, segmenter)
         gap = results["seg_val_miou_ms_flip"] - diagnostics["pseudo_label_train_miou"]
         diagnostics["val_minus_pseudo_label_miou"] = gap
         text += [

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from weaktr_hf.diagnostics import dropped_classes
+
 ROWS = (
     ("colour-threshold baseline (val)", "trivial_baseline_miou"),
     ("coarse CAM (64 train images)", "coarse_cam_miou"),
@@ -38,11 +40,9 @@ def difference(results, key, minus):
     return results[key] - results[minus]
 
 
-def dropped_classes(results):
+def run_dropped_classes(results):
     pseudo, segmenter = results.get("pseudo_label_crf_per_class_iou"), results.get("seg_val_per_class_iou")
-    if not pseudo or not segmenter:
-        return None
-    return [name for name, iou in pseudo.items() if iou is not None and iou >= 0.2 and (segmenter.get(name) or 0) < 0.1]
+    return dropped_classes(pseudo, segmenter) if pseudo and segmenter else None
 
 
 def read_run(folder):
@@ -73,7 +73,7 @@ def table(columns):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     dropped = []
     for label in labels:
-        per_run = [dropped_classes(r) for r in columns[label]]
+        per_run = [run_dropped_classes(r) for r in columns[label]]
         dropped.append("-" if all(d is None for d in per_run) else
                        "; ".join("?" if d is None else (", ".join(d) or "none") for d in per_run))
     lines.append(f"| {DROPPED_ROW} | " + " | ".join(dropped) + " |")

@@ -86,8 +86,8 @@ def class_fit_report(
     Returns:
         dict with `classes` (one dict per label: `name`, `pseudo_label_share` and `fit_predicted_share` on the
         training images, `fit_iou`, and with `val` `val_iou`, `val_share`, `val_predicted_share`), `fit_miou`,
-        `val_miou` and `warnings` (one sentence per class present in the pseudo-labels but never predicted on them);
-        each warning is also logged.
+        `val_miou`, `never_predicted` (the names of the classes present in the pseudo-labels but never predicted on
+        them) and `warnings` (one sentence per such class); each warning is also logged.
     """
     num_labels = model.config.num_labels
     names = _class_names(model, class_names)
@@ -95,7 +95,8 @@ def class_fit_report(
                   image_transform=image_transform, **segment_kwargs)  # fmt: skip
     fit, fit_predicted = _scored_with_shares(model, pseudo_label_train, num_labels, max_samples=train_samples, **common)
     pseudo_share = _reference_shares(pseudo_label_train, num_labels, train_samples)
-    report = {"fit_miou": fit["mean_iou"], "fit_samples": fit["num_scored"], "classes": [], "warnings": []}
+    report = {"fit_miou": fit["mean_iou"], "fit_samples": fit["num_scored"], "classes": [], "warnings": [],
+              "never_predicted": []}  # fmt: skip
     if val is not None:
         scored, val_predicted = _scored_with_shares(model, val, num_labels, max_samples=val_samples, **common)
         val_share = _reference_shares(val, num_labels, val_samples)
@@ -114,8 +115,17 @@ def class_fit_report(
                 f"{row['fit_iou']:.2f}): step 2 did not learn it. See docs/step2-diagnosis.md."
             )
             report["warnings"].append(message)
+            report["never_predicted"].append(names[label])
             logger.warning(message)
     return report
+
+
+def dropped_classes(pseudo_label_iou, segmenter_iou, pseudo_label_min=0.2, segmenter_max=0.1):
+    """The classes step 2 dropped: per-class IoU dicts (name -> IoU, None where unscored) of the pseudo-labels against
+    the truth and of the segmenter on val; a class is dropped when its pseudo-labels reach `pseudo_label_min` but the
+    segmenter stays under `segmenter_max`."""
+    return [name for name, iou in pseudo_label_iou.items()
+            if iou is not None and iou >= pseudo_label_min and (segmenter_iou.get(name) or 0.0) < segmenter_max]
 
 
 def format_fit_report(report):

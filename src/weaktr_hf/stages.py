@@ -727,8 +727,7 @@ def fit_report(args, accelerator, model, dataset, class_names, common, results):
     results.update(
         seg_train_fit_miou=report["fit_miou"], seg_train_fit_samples=report["fit_samples"],
         seg_train_fit_per_class_iou={row["name"]: _float(row["fit_iou"]) for row in report["classes"]},
-        seg_never_predicted_classes=[row["name"] for row in report["classes"]
-                                     if row["pseudo_label_share"] > 0 and row["fit_predicted_share"] == 0],
+        seg_never_predicted_classes=report["never_predicted"],
     )  # fmt: skip
     for warning in report["warnings"]:
         accelerator.print(f"WARNING: {warning}")
