@@ -1,6 +1,7 @@
 """examples/train.py end to end on a tiny synthetic run: every stage, reload, resume, Hub upload, two processes."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -128,7 +129,7 @@ def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_
 
 
 def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_hold(script, finished_run, tmp_path,
-                                                                                    capsys):
+                                                                                    capsys, caplog):
     output_dir, _ = finished_run
     rerun = tmp_path / "rerun"
     for name in ("cam", "pseudo_labels", "seg"):
@@ -140,7 +141,8 @@ def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_
     model.save_pretrained(rerun / "seg")
     capsys.readouterr()
 
-    results = script.main(["--output_dir", str(rerun), "--stage", "eval", *TINY])
+    with caplog.at_level(logging.WARNING, logger="weaktr_hf.diagnostics"):
+        results = script.main(["--output_dir", str(rerun), "--stage", "eval", *TINY])
 
     labels = np.concatenate([np.asarray(PIL.Image.open(path)).ravel() for path in (rerun / "pseudo_labels").glob("*.png")])
     held = [name for index, name in enumerate(results["seg_train_fit_per_class_iou"]) if index and (labels == index).any()]
@@ -148,6 +150,8 @@ def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_
     assert all(results["seg_train_fit_per_class_iou"][name] == 0.0 for name in held)
     out = capsys.readouterr().out
     assert out.count("WARNING: class") == len(held) and "never predicts " + ", ".join(held) in out
+    # each class's warning once in the stage's output: printed, not also logged by the diagnostics module
+    assert not [record for record in caplog.records if record.name == "weaktr_hf.diagnostics"]
 
 
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):

@@ -67,6 +67,7 @@ def class_fit_report(
     scales=(1.0,),
     flip=False,
     never_predicted_share=0.0,
+    log_warnings=True,
     **segment_kwargs,
 ):
     """
@@ -82,12 +83,14 @@ def class_fit_report(
         train_samples, val_samples: how many images of each split to score (None: all).
         never_predicted_share: a class whose share of the predicted training pixels is at most this counts as never
             predicted (0: not a single pixel).
+        log_warnings: also log each warning on the `weaktr_hf.diagnostics` logger (off where the caller prints
+            them itself, so that a run shows each once).
 
     Returns:
         dict with `classes` (one dict per label: `name`, `pseudo_label_share` and `fit_predicted_share` on the
         training images, `fit_iou`, and with `val` `val_iou`, `val_share`, `val_predicted_share`), `fit_miou`,
         `val_miou`, `never_predicted` (the names of the classes present in the pseudo-labels but never predicted on
-        them) and `warnings` (one sentence per such class); each warning is also logged.
+        them) and `warnings` (one sentence per such class); each warning is also logged unless `log_warnings` is False.
     """
     num_labels = model.config.num_labels
     names = _class_names(model, class_names)
@@ -116,7 +119,8 @@ def class_fit_report(
             )
             report["warnings"].append(message)
             report["never_predicted"].append(names[label])
-            logger.warning(message)
+            if log_warnings:
+                logger.warning(message)
     return report
 
 

@@ -723,13 +723,13 @@ def fit_report(args, accelerator, model, dataset, class_names, common, results):
     train = pseudo_label_dataset(split(dataset, args.train_split), folder)
     options = {k: v for k, v in common.items() if k not in ("max_samples", "skip_unlabelled")}
     report = class_fit_report(model, train, None, class_names=["background", *class_names],
-                              train_samples=args.fit_report_samples, **options)  # fmt: skip
+                              train_samples=args.fit_report_samples, log_warnings=False, **options)  # fmt: skip
     results.update(
         seg_train_fit_miou=report["fit_miou"], seg_train_fit_samples=report["fit_samples"],
         seg_train_fit_per_class_iou={row["name"]: _float(row["fit_iou"]) for row in report["classes"]},
         seg_never_predicted_classes=report["never_predicted"],
     )  # fmt: skip
-    for warning in report["warnings"]:
+    for warning in report["warnings"]:  # printed once here (not logged too), and once more under the results table
         accelerator.print(f"WARNING: {warning}")
 
 
