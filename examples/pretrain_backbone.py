@@ -14,7 +14,14 @@ both so that the patch tokens and the attention, which WeakTr's CAMs are read fr
 - every fractal's pixels are known, so each 8 x 8 patch also gets a target: the fraction of its pixels per class
   (background included). A linear head on the patch tokens learns it beside the class-token head.
 
-Everything is drawn from `--seed`: the IFS classes, and batch `i` from `(seed, i)`, so a run is identical for a seed
+`--data contours` draws the classes as filled outlines instead, in the spirit of the radial contour database
+(Kataoka et al., CVPR 2022): each class is a regular polygon of 3-8 sides or a circle, bent by 1-2 random harmonics,
+some squeezed or hollow; an instance is the filled outline at a random size, position, rotation and flip, in one
+colour or (a share `--textured` of them) a random texture unrelated to the class, so only the outline tells the class.
+It exists to give the demo a backbone that sees shape (docs/step2-diagnosis.md, `shape-only`); the committed backbone
+is the fractal one.
+
+Everything is drawn from `--seed`: the IFS or contour classes, and batch `i` from `(seed, i)`, so a run is identical for a seed
 (on one CPU type, with one intra-op thread) and resuming from a checkpoint gives the same weights as an unbroken run.
 The output folder gets `model.safetensors` (a timm `VisionTransformer` state dict, class-token head included, which
 `load_timm_backbone` drops), `pretraining.json` (settings and measured accuracy) and `README.md` (a short card).
@@ -37,6 +44,8 @@ from tqdm.auto import tqdm
 IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CLOUD_POINTS = 40_000  # points of each class's attractor; an instance draws a random subset of them
+CONTOUR_ANGLES = 720  # directions at which a contour class stores its radius
+DATA = ("contours", "fractals")
 
 
 def parse_args(argv=None):
@@ -44,7 +53,9 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--output_dir", default="outputs/demo-backbone")
     add("--seed", type=int, default=0)
-    add("--num_classes", type=int, default=32, help="IFS fractal classes")
+    add("--data", choices=DATA, default="fractals", help="formula-driven classes: filled contours or IFS fractals")
+    add("--num_classes", type=int, default=32, help="contour or fractal classes")
+    add("--textured", type=float, default=0.5, help="contours: share of objects filled with a texture, not one colour")
     add("--image_size", type=int, default=64)
     add("--max_objects", type=int, default=3, help="fractals per image: 1 to this many, of different classes")
     # The demo's ViT (examples/train.py, preset demo).
@@ -115,19 +126,66 @@ def sample_ifs_class(rng, min_fill=0.12):
             return points.astype(np.float32)
 
 
-def make_classes(seed, num_classes):
+def sample_contour_class(rng, angles=CONTOUR_ANGLES):
+    """A random closed contour (in the spirit of the radial contour database, Kataoka et al., CVPR 2022): its radius
+    at each of `angles` directions, max 1, and the relative radius of a hole along the same contour (0: none).
+
+    The outline is a regular polygon of 3-8 sides (half the classes) or a circle, bent by 1-2 random harmonics of
+    orders 2-7 (amplitude 0.05-0.25 each), squeezed along one axis (aspect 0.35-1) and, for a quarter of the classes, hollow."""
+    theta = np.linspace(0, 2 * np.pi, angles, endpoint=False)
+    if rng.random() < 0.5:
+        sides = int(rng.integers(3, 9))
+        sector = (theta + rng.uniform(0, 2 * np.pi)) % (2 * np.pi / sides) - np.pi / sides
+        radius = np.cos(np.pi / sides) / np.cos(sector)
+    else:
+        radius = np.ones_like(theta)
+    for order in rng.choice(np.arange(2, 8), size=int(rng.integers(1, 3)), replace=False):
+        radius = radius + rng.uniform(0.05, 0.25) * np.cos(order * theta + rng.uniform(0, 2 * np.pi))
+    # Squeeze along x: the radius in direction theta of the squeezed outline, read back on the same directions.
+    aspect = rng.uniform(0.35, 1.0) if rng.random() < 0.5 else 1.0
+    x, y = radius * np.cos(theta) * aspect, radius * np.sin(theta)
+    order = np.argsort(np.arctan2(y, x) % (2 * np.pi))
+    squeezed = np.interp(theta, (np.arctan2(y, x) % (2 * np.pi))[order], np.hypot(x, y)[order], period=2 * np.pi)
+    squeezed = np.maximum(squeezed, 0.25 * squeezed.max())
+    hole = rng.uniform(0.35, 0.6) if rng.random() < 0.25 else 0.0
+    return {"radius": (squeezed / squeezed.max()).astype(np.float32), "hole": np.float32(hole)}
+
+
+def make_classes(seed, num_classes, data="fractals"):
+    """The `num_classes` classes of a seed: IFS attractors (`data="fractals"`) or contours (`"contours"`)."""
     rng = np.random.default_rng([seed, 0])
-    return [sample_ifs_class(rng) for _ in range(num_classes)]
+    sample = sample_ifs_class if data == "fractals" else sample_contour_class
+    return [sample(rng) for _ in range(num_classes)]
 
 
-def render_image(rng, clouds, image_size, max_objects):
-    """One image (H, W, 3 float in 0..1) and its label map (0 background, k + 1 class k)."""
-    size = image_size
+def background(rng, size):
+    """A random vertical or horizontal colour gradient, (size, size, 3) floats in 0..1."""
     top, bottom = rng.uniform(0, 1, (2, 3)).astype(np.float32)
     ramp = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
     image = np.broadcast_to(top * (1 - ramp) + bottom * ramp, (size, size, 3)).copy()
-    if rng.random() < 0.5:
-        image = image.transpose(1, 0, 2).copy()
+    return image.transpose(1, 0, 2).copy() if rng.random() < 0.5 else image
+
+
+def visible_colour(rng, behind):
+    """A random colour that differs from the mean colour `behind` by at least 0.35 in one channel."""
+    colour = rng.uniform(0, 1, 3).astype(np.float32)
+    if np.abs(colour - behind).max() < 0.35:
+        colour = np.where(behind > 0.5, 0.0, 1.0).astype(np.float32)
+    return colour
+
+
+def render_image(rng, classes, image_size, max_objects, data="fractals", textured=0.5):
+    """One image (H, W, 3 float in 0..1) and its label map (0 background, k + 1 class k)."""
+    if data == "fractals":
+        image, labels = render_fractals(rng, classes, image_size, max_objects)
+    else:
+        image, labels = render_contours(rng, classes, image_size, max_objects, textured)
+    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
+    return np.clip(image, 0, 1), labels
+
+
+def render_fractals(rng, clouds, size, max_objects):
+    image = background(rng, size)
     labels = np.zeros((size, size), dtype=np.int64)
     count = int(rng.integers(1, max_objects + 1))
     for kind in rng.choice(len(clouds), size=count, replace=False):
@@ -138,24 +196,72 @@ def render_image(rng, clouds, image_size, max_objects):
         scale = rng.uniform(0.35, 0.8) * size
         offset = rng.uniform(0, size - scale, 2)
         pixels = np.clip((points * scale + offset).astype(int), 0, size - 1)
-        colour = rng.uniform(0, 1, 3).astype(np.float32)
-        background = image[pixels[::16, 1], pixels[::16, 0]].mean(0)
-        if np.abs(colour - background).max() < 0.35:  # keep every fractal visible against what is behind it
-            colour = np.where(background > 0.5, 0.0, 1.0).astype(np.float32)
+        # keep every fractal visible against what is behind it
+        colour = visible_colour(rng, image[pixels[::16, 1], pixels[::16, 0]].mean(0))
         image[pixels[:, 1], pixels[:, 0]] = colour
         labels[pixels[:, 1], pixels[:, 0]] = kind + 1
-    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
-    return np.clip(image, 0, 1), labels
+    return image, labels
 
 
-def make_batch(seed, index, clouds, args):
+def texture(rng, yy, xx):
+    """A random two-colour pattern (stripes at any angle, checkerboard, dots, speckle or none), as booleans: drawn
+    apart from the class, so only the outline tells a contour's class."""
+    kind = int(rng.integers(0, 5))
+    period = rng.uniform(4, 8)
+    angle = rng.uniform(0, np.pi)
+    along = (xx * np.cos(angle) + yy * np.sin(angle)) / period + rng.uniform(0, 1)
+    across = (-xx * np.sin(angle) + yy * np.cos(angle)) / period + rng.uniform(0, 1)
+    if kind == 0:
+        return (along % 1) < 0.5
+    if kind == 1:
+        return (np.floor(along) + np.floor(across)) % 2 == 0
+    if kind == 2:
+        return np.hypot(along % 1 - 0.5, across % 1 - 0.5) < 0.3
+    if kind == 3:
+        return rng.random(yy.shape) < 0.5
+    return np.zeros(yy.shape, dtype=bool)
+
+
+def render_contours(rng, contours, size, max_objects, textured):
+    """Filled contours of different classes at random size (0.3-0.75 of the side), position, rotation and flip,
+    a share `textured` of them with a random texture in two random colours, the others in one random colour; later
+    ones occlude earlier ones."""
+    image = background(rng, size)
+    labels = np.zeros((size, size), dtype=np.int64)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    count = int(rng.integers(1, max_objects + 1))
+    for kind in rng.choice(len(contours), size=count, replace=False):
+        contour = contours[kind]
+        radius = rng.uniform(0.15, 0.375) * size
+        centre = rng.uniform(0.15 * size, 0.85 * size, 2)
+        rotation = rng.uniform(0, 2 * np.pi)
+        u, v = (xx - centre[0]) / radius, (yy - centre[1]) / radius
+        if rng.random() < 0.5:
+            u = -u
+        distance = np.hypot(u, v)
+        direction = ((np.arctan2(v, u) + rotation) % (2 * np.pi)) / (2 * np.pi) * len(contour["radius"])
+        outline = contour["radius"][direction.astype(int) % len(contour["radius"])]
+        inside = (distance <= outline) & (distance >= contour["hole"] * outline)
+        if not inside.any():
+            continue
+        first = visible_colour(rng, image[inside].mean(0))
+        if rng.random() < textured:
+            second = visible_colour(rng, first)
+            image[inside] = np.where(texture(rng, yy, xx)[inside][:, None], first, second)
+        else:
+            image[inside] = first
+        labels[inside] = kind + 1
+    return image, labels
+
+
+def make_batch(seed, index, classes, args):
     """Batch `index` of the stream for `seed`: normalised pixels, multi-hot labels, per-patch class fractions."""
     rng = np.random.default_rng([seed, 1, index])
-    images, label_maps = zip(*(render_image(rng, clouds, args.image_size, args.max_objects)
+    images, label_maps = zip(*(render_image(rng, classes, args.image_size, args.max_objects, args.data, args.textured)
                                for _ in range(args.batch_size)))  # fmt: skip
     pixels = torch.from_numpy((np.stack(images) - IMAGE_MEAN) / IMAGE_STD).permute(0, 3, 1, 2).contiguous()
     label_maps = np.stack(label_maps)
-    num_labels, patch, side = len(clouds) + 1, args.patch_size, args.image_size // args.patch_size
+    num_labels, patch, side = len(classes) + 1, args.patch_size, args.image_size // args.patch_size
     rows, cols = np.mgrid[0 : args.image_size, 0 : args.image_size] // patch
     slot = (np.arange(len(label_maps))[:, None, None] * side * side + rows * side + cols) * num_labels + label_maps
     counts = np.bincount(slot.ravel(), minlength=len(label_maps) * side * side * num_labels)
@@ -243,17 +349,26 @@ def chance_topk(settings):
 
 def write_card(output_dir, record):
     settings, final = record["settings"], record["final"]
+    contours = settings.get("data", "fractals") == "contours"
+    what = "contours" if contours else "fractals"
+    data = (f"{settings['num_classes']} random contour classes (regular polygons or circles bent by 1-2 random "
+            "harmonics, some squeezed or hollow, in the spirit of the radial contour database); "
+            f"1-{settings['max_objects']} filled contours of different classes per image, random size / position / "
+            "rotation / flip, each with a random texture (stripes, checkerboard, dots, speckle or plain) in two random "
+            "colours, so only the outline tells the class,"
+            if contours else
+            f"{settings['num_classes']} random IFS fractal classes (FractalDB-style, filling rate >= 0.12); "
+            f"1-{settings['max_objects']} fractals of different classes per image, random colour / size / position / "
+            "flip,")  # fmt: skip
     card = "\n".join([
-        "# Demo backbone: a ViT pre-trained on formula-driven fractals",
+        f"# Demo backbone: a ViT pre-trained on formula-driven {what}",
         "",
         f"A timm `VisionTransformer` (patch {settings['patch_size']}, width {settings['hidden_size']}, depth "
         f"{settings['num_hidden_layers']}, {settings['num_attention_heads']} heads, {settings['image_size']} px) for "
         "the offline demo: `accelerate launch examples/train.py` loads it as its `--backbone`. It saw no natural image "
         "and needed no download. Made by `examples/pretrain_backbone.py`.",
         "",
-        f"- **Data**: {settings['num_classes']} random IFS fractal classes (FractalDB-style, filling rate >= 0.12); "
-        f"1-{settings['max_objects']} fractals of different classes per image, random colour / size / position / "
-        f"flip, on gradient backgrounds with noise; generated on the fly from seed {settings['seed']} "
+        f"- **Data**: {data} on gradient backgrounds with noise; generated on the fly from seed {settings['seed']} "
         f"({record['images_seen']:,} images seen).",
         "- **Targets**: the present classes on the class token (softmax cross-entropy against them, equally weighted) "
         "and each patch's class fractions (background included) on a linear patch head. The patch head is not saved; "
@@ -264,14 +379,15 @@ def write_card(output_dir, record):
         f"- **Time**: {record['wall_seconds'] / 60:.1f} min wall on {record['machine']}.",
         f"- **Pre-training accuracy** on {settings['num_val']} held-out images: image-level top-k "
         f"{final['image_topk_accuracy']:.1%} (chance {chance_topk(settings):.1%}); patch head "
-        f"{final['patch_accuracy']:.1%} on patches mostly covered by one fractal (chance "
+        f"{final['patch_accuracy']:.1%} on patches mostly covered by one {what[:-1]} (chance "
         f"{1 / settings['num_classes']:.1%}). Every {settings['eval_steps']} steps: "
         + ", ".join(f"{entry['image_topk_accuracy']:.1%}" for entry in record["history"]) + " (image level).",
         "",
         "Reproduce (identical weights for the same seed on the same CPU type with one thread):",
         "",
-        f"    python examples/pretrain_backbone.py --output_dir {record['output_dir']} --seed {settings['seed']} "
-        f"--max_train_steps {settings['max_train_steps']} --num_classes {settings['num_classes']}",
+        f"    python examples/pretrain_backbone.py --output_dir {record['output_dir']} --data "
+        f"{settings.get('data', 'fractals')} --seed {settings['seed']} --max_train_steps {settings['max_train_steps']} "
+        f"--num_classes {settings['num_classes']}",
         "",
     ])  # fmt: skip
     with open(os.path.join(output_dir, "README.md"), "w") as handle:
@@ -285,8 +401,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     state_path = os.path.join(args.output_dir, "pretraining_state.pt")
 
-    clouds = make_classes(args.seed, args.num_classes)
-    val_batches = [make_batch(args.seed + 1_000_003, i, clouds, args)  # a stream no training batch comes from
+    classes = make_classes(args.seed, args.num_classes, args.data)
+    val_batches = [make_batch(args.seed + 1_000_003, i, classes, args)  # a stream no training batch comes from
                    for i in range(math.ceil(args.num_val / args.batch_size))]  # fmt: skip
     backbone, patch_head = build_model(args)
     parameters = list(backbone.parameters()) + list(patch_head.parameters())
@@ -309,7 +425,7 @@ def main(argv=None):
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        loss, image_loss, patch_loss = losses(backbone, patch_head, make_batch(args.seed, step, clouds, args),
+        loss, image_loss, patch_loss = losses(backbone, patch_head, make_batch(args.seed, step, classes, args),
                                               args.patch_loss_weight)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

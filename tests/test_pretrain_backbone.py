@@ -90,6 +90,35 @@ def test_batches_have_consistent_image_and_patch_targets(script):
     assert all(torch.equal(a, b) for a, b in zip((pixels, image_labels, patch_targets), again))
 
 
+def test_contour_batches_have_consistent_targets_and_only_the_outline_tells_the_class(script):
+    args = script.parse_args(["--data", "contours", "--num_classes", "6", "--batch_size", "8", "--textured", "1"])
+    contours = script.make_classes(0, 6, "contours")
+    assert all(c["radius"].shape == (script.CONTOUR_ANGLES,) and c["radius"].max() == 1 for c in contours)
+    assert all(c["radius"].min() >= 0.25 and 0 <= c["hole"] < 0.6 for c in contours)
+    assert not np.allclose(contours[0]["radius"], contours[1]["radius"])  # classes differ in outline
+    pixels, image_labels, patch_targets = script.make_batch(0, 3, contours, args)
+
+    assert pixels.shape == (8, 3, 64, 64) and patch_targets.shape == (8, 64, 7)
+    torch.testing.assert_close(patch_targets.sum(-1), torch.ones(8, 64))
+    assert torch.equal((patch_targets[..., 1:].sum(1) > 0).float(), image_labels)
+    assert set(image_labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
+    again = script.make_batch(0, 3, contours, args)
+    assert all(torch.equal(a, b) for a, b in zip((pixels, image_labels, patch_targets), again))
+    # An object's mask is the class's outline: a pixel is inside at its direction's radius or hole, nothing else.
+    rng = np.random.default_rng(7)
+    image, labels = script.render_image(rng, contours[:1], 64, 1, "contours", textured=0.0)
+    assert labels.max() == 1 and 0.02 < (labels == 1).mean() < 0.6
+    plain = image[labels == 1]
+    assert np.ptp(plain, axis=0).max() < 0.4  # one colour (pixel noise 0.03) when not textured
+
+
+def test_contour_card_names_the_data(script, tmp_path):
+    script.main(["--output_dir", str(tmp_path), "--data", "contours", *TINY])
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# Demo backbone: a ViT pre-trained on formula-driven contours")
+    assert "--data contours" in card and "IFS" not in card
+
+
 def test_committed_demo_backbone_is_small_and_fits_the_demo_preset():
     path = ROOT / "src" / "weaktr_hf" / "demo_backbone" / "model.safetensors"
     if not path.exists():
