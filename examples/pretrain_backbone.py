@@ -18,11 +18,13 @@ both so that the patch tokens and the attention, which WeakTr's CAMs are read fr
 (Kataoka et al., CVPR 2022): each class is a regular polygon of 3-8 sides or a circle, bent by 1-2 random harmonics,
 some squeezed or hollow; an instance is the filled outline at a random size, position, rotation and flip, in one
 colour or (a share `--textured` of them) a random texture unrelated to the class, so only the outline tells the class.
-It exists to give the demo a backbone that sees shape (docs/step2-diagnosis.md, `shape-only`); the committed backbone
-is the fractal one.
+It was written to give the demo a backbone that sees shape; measured in docs/step2-diagnosis.md ("`shape-only`: what
+else was tried"): it does not close `shape-only`, and lifts every stage on `default`. The committed backbone is the
+fractal one.
 
-Everything is drawn from `--seed`: the IFS or contour classes, and batch `i` from `(seed, i)`, so a run is identical for a seed
-(on one CPU type, with one intra-op thread) and resuming from a checkpoint gives the same weights as an unbroken run.
+Everything is drawn from `--seed`: the IFS or contour classes, and batch `i` from `(seed, i)`, so a run is identical
+for a seed (on one CPU type, with one intra-op thread) and resuming from a checkpoint gives the same weights as an
+unbroken run.
 The output folder gets `model.safetensors` (a timm `VisionTransformer` state dict, class-token head included, which
 `load_timm_backbone` drops), `pretraining.json` (settings and measured accuracy) and `README.md` (a short card).
 """
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     add("--num_classes", type=int, default=32, help="contour or fractal classes")
     add("--textured", type=float, default=0.5, help="contours: share of objects filled with a texture, not one colour")
     add("--image_size", type=int, default=64)
-    add("--max_objects", type=int, default=3, help="fractals per image: 1 to this many, of different classes")
+    add("--max_objects", type=int, default=3, help="objects per image: 1 to this many, of different classes")
     # The demo's ViT (examples/train.py, preset demo).
     add("--patch_size", type=int, default=8)
     add("--hidden_size", type=int, default=128)
@@ -131,7 +133,8 @@ def sample_contour_class(rng, angles=CONTOUR_ANGLES):
     at each of `angles` directions, max 1, and the relative radius of a hole along the same contour (0: none).
 
     The outline is a regular polygon of 3-8 sides (half the classes) or a circle, bent by 1-2 random harmonics of
-    orders 2-7 (amplitude 0.05-0.25 each), squeezed along one axis (aspect 0.35-1) and, for a quarter of the classes, hollow."""
+    orders 2-7 (amplitude 0.05-0.25 each), for half the classes squeezed along one axis (aspect 0.35-1), and for a
+    quarter of them hollow."""
     theta = np.linspace(0, 2 * np.pi, angles, endpoint=False)
     if rng.random() < 0.5:
         sides = int(rng.integers(3, 9))
