@@ -142,8 +142,8 @@ def sample_contour_class(rng, angles=CONTOUR_ANGLES):
         radius = np.cos(np.pi / sides) / np.cos(sector)
     else:
         radius = np.ones_like(theta)
-    for order in rng.choice(np.arange(2, 8), size=int(rng.integers(1, 3)), replace=False):
-        radius = radius + rng.uniform(0.05, 0.25) * np.cos(order * theta + rng.uniform(0, 2 * np.pi))
+    for harmonic in rng.choice(np.arange(2, 8), size=int(rng.integers(1, 3)), replace=False):
+        radius = radius + rng.uniform(0.05, 0.25) * np.cos(harmonic * theta + rng.uniform(0, 2 * np.pi))
     # Squeeze along x: the radius in direction theta of the squeezed outline, read back on the same directions.
     aspect = rng.uniform(0.35, 1.0) if rng.random() < 0.5 else 1.0
     x, y = radius * np.cos(theta) * aspect, radius * np.sin(theta)
