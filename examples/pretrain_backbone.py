@@ -357,8 +357,9 @@ def write_card(output_dir, record):
     data = (f"{settings['num_classes']} random contour classes (regular polygons or circles bent by 1-2 random "
             "harmonics, some squeezed or hollow, in the spirit of the radial contour database); "
             f"1-{settings['max_objects']} filled contours of different classes per image, random size / position / "
-            "rotation / flip, each with a random texture (stripes, checkerboard, dots, speckle or plain) in two random "
-            "colours, so only the outline tells the class,"
+            f"rotation / flip, {settings.get('textured', 0.5):.0%} of them with a random texture (stripes, "
+            "checkerboard, dots, speckle or plain) in two random colours and the others in one, so only the outline "
+            "tells the class,"
             if contours else
             f"{settings['num_classes']} random IFS fractal classes (FractalDB-style, filling rate >= 0.12); "
             f"1-{settings['max_objects']} fractals of different classes per image, random colour / size / position / "
@@ -390,7 +391,8 @@ def write_card(output_dir, record):
         "",
         f"    python examples/pretrain_backbone.py --output_dir {record['output_dir']} --data "
         f"{settings.get('data', 'fractals')} --seed {settings['seed']} --max_train_steps {settings['max_train_steps']} "
-        f"--num_classes {settings['num_classes']}",
+        f"--num_classes {settings['num_classes']}"
+        + (f" --textured {settings.get('textured', 0.5)}" if contours else ""),
         "",
     ])  # fmt: skip
     with open(os.path.join(output_dir, "README.md"), "w") as handle:

@@ -104,7 +104,7 @@ def test_contour_batches_have_consistent_targets_and_only_the_outline_tells_the_
     assert set(image_labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
     again = script.make_batch(0, 3, contours, args)
     assert all(torch.equal(a, b) for a, b in zip((pixels, image_labels, patch_targets), again))
-    # An object's mask is the class's outline: a pixel is inside at its direction's radius or hole, nothing else.
+    # One object of one class, not textured: its mask is a plausible part of the image and it has one colour.
     rng = np.random.default_rng(7)
     image, labels = script.render_image(rng, contours[:1], 64, 1, "contours", textured=0.0)
     assert labels.max() == 1 and 0.02 < (labels == 1).mean() < 0.6
