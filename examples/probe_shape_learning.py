@@ -55,6 +55,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.model == "cnn" and args.backbone != "none":
         parser.error("--backbone is for --model vit only.")
+    for name in ("num_train_epochs", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.num_train < DEMO["total_train_batch_size"]:
         parser.error(f"--num_train must be at least the batch size, {DEMO['total_train_batch_size']}.")
     if args.learning_rate is None:

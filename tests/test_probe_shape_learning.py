@@ -68,4 +68,7 @@ def test_flags_that_do_not_apply_are_refused(script, capsys):
     assert "--backbone is for --model vit only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "vit", "--num_train", "8"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "vit", "--eval_every", "0"])
+    assert "--eval_every must be at least 1" in capsys.readouterr().err
     assert script.parse_args(["--model", "vit"]).learning_rate == 2e-3  # the demo's step-1 peak lr
