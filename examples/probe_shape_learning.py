@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weaktr_hf.data import load_wsss_dataset
+from weaktr_hf.data.collators import CAMCollator
 from weaktr_hf.data.synthetic import SYNTHETIC_CONFIGURATIONS
 from weaktr_hf.data.transforms import CAMTrainTransform
 from weaktr_hf.recipes import DEMO_BACKBONE, PRESETS
@@ -105,17 +106,12 @@ def build_vit(num_classes, backbone):
     return model, path
 
 
-def multi_hot(examples, num_classes):
-    targets = torch.zeros(len(examples), num_classes)
-    for row, example in enumerate(examples):
-        targets[row, list(example["labels"])] = 1
-    return targets
-
-
 def batches(examples, transform, num_classes, batch_size):
+    """(pixel_values, multi-hot labels) batches, made by step 1's own collator."""
+    collate = CAMCollator(num_classes)
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        yield torch.stack([transform(example)["pixel_values"] for example in chunk]), multi_hot(chunk, num_classes)
+        batch = collate([transform(example) for example in examples[start : start + batch_size]])
+        yield batch["pixel_values"], batch["labels"]
 
 
 @torch.no_grad()
