@@ -160,7 +160,9 @@ def probe(args):
     steps_per_epoch = len(train) // batch_size  # the last partial batch is dropped
     total_steps = args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=DEMO["weight_decay"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=total_steps, pct_start=0.07)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=total_steps, pct_start=0.07
+    )
     settings = {**vars(args), "backbone": backbone, "steps": total_steps}
     print(json.dumps(settings))
     history, started = [], time.time()
