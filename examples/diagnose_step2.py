@@ -12,7 +12,9 @@ does (each stage reseeds; the probe's hooks change nothing), scores it as `--sta
   class the pseudo-labels hold that the segmenter never predicts (`weaktr_hf.diagnostics.class_fit_report`);
 - per class and epoch of step 2 (`weaktr_hf.diagnostics.StepTwoProbe`): pixel share in the augmented crops and
   crops where the class covers less than one patch, share of its pixels whose loss is clipped, gradient on its
-  logits / mask embedding / patch features, and its decoder class-embedding norm.
+  logits / mask embedding / patch features, and its decoder class-embedding norm;
+- the mIoU the pseudo-labels (train) and the truth (val) keep through the segmenter's patch grid, one pass and the
+  evaluation's scales (`weaktr_hf.diagnostics.patch_grid_miou`): how much of a gap the output resolution explains.
 
 `--diagnose_only` skips training and evaluation and reports on the run's saved segmenter (no probe then).
 The findings on the demo are in docs/step2-diagnosis.md.
@@ -29,9 +31,11 @@ import types
 import torch
 
 from weaktr_hf import WeakTrForSemanticSegmentation
-from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report
+from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report, patch_grid_miou
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
-from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset
+from weaktr_hf.data.schema import mask_to_array
+from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, pseudo_label_path
+from weaktr_hf.visualization import load_label_png
 from weaktr_hf.training import write_json_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,6 +76,25 @@ def epoch_table(epochs, class_names, key):
         if key in epoch:
             lines.append(f"| epoch {epoch['epoch']} | " + " | ".join(f"{value:.3g}" for value in epoch[key]) + " |")
     return "\n".join(lines)
+
+
+def patch_grid_ceilings(train, val, pseudo_labels, num_labels, patch_size, scales):
+    """The pseudo-labels (train) and the truth (val) through the patch grid, one pass and the evaluation's scales."""
+
+    def pairs(dataset, label_dir):
+        masks = dataset.select_columns(["id", "semantic_mask"])
+        for example in masks:
+            truth = mask_to_array(example["semantic_mask"])
+            yield (load_label_png(pseudo_label_path(label_dir, example["id"])) if label_dir else truth), truth
+
+    found = {}
+    for name, dataset, label_dir in (("pseudo-labels (train)", train, pseudo_labels), ("truth (val)", val, None)):
+        if dataset is None:
+            continue
+        for label, chosen in (("single scale", (1.0,)), ("multi-scale", scales)):
+            scores = patch_grid_miou(pairs(dataset, label_dir), num_labels, patch_size, chosen)
+            found[f"{name}, {label}"] = scores["mean_iou"]
+    return found
 
 
 def main(argv=None):
@@ -136,6 +159,10 @@ def main(argv=None):
         scores = evaluate_pseudo_labels(recipe.split(dataset, args.train_split), pseudo_labels, len(class_names))
         diagnostics["pseudo_label_train_miou"] = scores["mean_iou"]
         diagnostics["pseudo_label_train_per_class_iou"] = dict(zip(class_names, scores["per_category_iou"].tolist()))
+        diagnostics["patch_grid"] = patch_grid_ceilings(
+            recipe.split(dataset, args.train_split), val if recipe.has_masks(val) else None, pseudo_labels,
+            len(class_names), model.config.patch_size, tuple(args.eval_scales),
+        )  # fmt: skip
     text = [f"# Step-2 diagnostics of {args.output_dir}", "", format_fit_report(report)]
     truth, segmenter = diagnostics.get("pseudo_label_train_per_class_iou"), diagnostics["seg_val_per_class_iou"]
     if truth and segmenter:
@@ -154,6 +181,10 @@ def main(argv=None):
                 f"(pseudo-label IoU >= 0.2, val IoU < 0.1): {diagnostics['dropped_classes'] or 'none'}"
             ),
         ]
+    if diagnostics.get("patch_grid"):
+        text += ["", "mIoU through the segmenter's patch grid (each label map averaged per patch and upsampled as the "
+                 "logits are: what a segmenter that reproduced it exactly would score):", ""]  # fmt: skip
+        text += [f"- {name}: {100 * value:.1f}" for name, value in diagnostics["patch_grid"].items()]
     if diagnostics["training"]:
         for key in SHOWN:
             text += ["", epoch_table(diagnostics["training"], class_names, key)]

@@ -6,7 +6,7 @@ import torch
 
 from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.data import make_synthetic_split
-from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, format_fit_report
+from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, format_fit_report, patch_grid_miou
 from weaktr_hf.modeling_weaktr import clip_pixel_losses, upsample_logits
 
 
@@ -120,3 +120,40 @@ def test_fit_report_rejects_class_names_of_the_wrong_length(tester):
     train = make_synthetic_split("train", 1, num_classes=3, image_size=32, seed=3)
     with pytest.raises(ValueError, match="class_names has 2 names but the model has 4 labels"):
         class_fit_report(model, train, None, window_size=32, window_stride=32, class_names=["background", "a"])
+
+
+def test_patch_grid_keeps_what_a_patch_can_hold_and_loses_thinner_objects():
+    labels = np.random.default_rng(0).integers(0, 3, (16, 24))
+    assert patch_grid_miou([(labels, labels)], 3, patch_size=1)["mean_iou"] == 1.0  # 1-px patches: nothing lost
+
+    halves = np.zeros((64, 64), dtype=np.int64)
+    halves[:, :32] = 1  # on patch boundaries
+    assert patch_grid_miou([(halves, halves)], 2, patch_size=8)["per_category_iou"].tolist() == [1.0, 1.0]
+
+    line = np.zeros((64, 64), dtype=np.int64)
+    line[:, 8:10] = 1  # 2 px wide: a quarter of each 8-px patch it crosses
+    single = patch_grid_miou([(line, line)], 2, patch_size=8)["per_category_iou"]
+    assert single[1] == 0.0 and single[0] == pytest.approx(62 / 64)
+    enlarged = patch_grid_miou([(line, line)], 2, patch_size=8, scales=(4.0,))["per_category_iou"]
+    assert enlarged.tolist() == [1.0, 1.0]  # at 4x the line fills a column of patches
+
+
+def test_patch_grid_counts_ignored_labels_as_no_class_and_skips_ignored_truth():
+    truth = np.zeros((16, 16), dtype=np.int64)
+    truth[:, 8:] = 1
+    label = truth.copy()
+    label[:, 8:] = 255  # an ignored half: no class there, so background's share wins
+    scores = patch_grid_miou([(label, truth)], 2, patch_size=8)
+    assert scores["per_category_iou"].tolist() == [0.5, 0.0]
+    truth[:, 8:] = 255  # now those pixels are not scored
+    assert patch_grid_miou([(label, truth)], 2, patch_size=8)["per_category_iou"][0] == 1.0
+
+
+def test_patch_grid_rejects_bad_labels():
+    truth = np.zeros((8, 8), dtype=np.int64)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        patch_grid_miou([(truth + 2, truth)], 2, patch_size=8)
+    with pytest.raises(ValueError, match="shape"):
+        patch_grid_miou([(truth[:4], truth)], 2, patch_size=8)
+    with pytest.raises(ValueError, match="scales positive"):
+        patch_grid_miou([(truth, truth)], 2, patch_size=8, scales=(0.0,))

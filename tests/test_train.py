@@ -154,6 +154,38 @@ def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_
     assert not [record for record in caplog.records if record.name == "weaktr_hf.diagnostics"]
 
 
+def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finished_run, tmp_path):
+    """examples/diagnose_step2.py on a finished run: the pseudo-labels (train) and the truth (val) through the
+    segmenter's patch grid, one pass and the run's evaluation scales, in its JSON and Markdown reports."""
+    import importlib.util
+
+    from weaktr_hf.data import load_wsss_dataset
+    from weaktr_hf.data.schema import mask_to_array
+    from weaktr_hf.diagnostics import patch_grid_miou
+
+    output_dir, _ = finished_run
+    rerun = tmp_path / "rerun"
+    for name in ("cam", "pseudo_labels", "seg"):
+        shutil.copytree(output_dir / name, rerun / name)
+    spec = importlib.util.spec_from_file_location("diagnose_step2", ROOT / "examples" / "diagnose_step2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    found = module.main(["--diagnose_only", "--output_dir", str(rerun), *TINY])["patch_grid"]
+
+    assert list(found) == [f"{labels}, {passes}" for labels in ("pseudo-labels (train)", "truth (val)")
+                           for passes in ("single scale", "multi-scale")]  # fmt: skip
+    assert all(0.0 < value <= 1.0 for value in found.values())
+    val = load_wsss_dataset("synthetic", split="val", num_classes=4, image_size=32, num_train=NUM_TRAIN,
+                            num_val=NUM_VAL, seed=42)  # fmt: skip
+    truths = [mask_to_array(mask) for mask in val["semantic_mask"]]
+    patch_size = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg").config.patch_size
+    expected = patch_grid_miou(zip(truths, truths), 5, patch_size, scales=(1.0, 1.5))["mean_iou"]
+    assert found["truth (val), multi-scale"] == pytest.approx(expected)
+    report = (rerun / "step2_diagnostics.md").read_text()
+    assert "through the segmenter's patch grid" in report and f"truth (val), multi-scale: {100 * expected:.1f}" in report
+
+
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):
     output_dir, _ = finished_run
     uploads, created = [], []

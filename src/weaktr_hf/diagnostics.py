@@ -7,6 +7,8 @@
   unchanged), it records per class and per update: the class's pixel share in the augmented crops and how often it
   covers less than one patch, the share of its pixels whose loss is clipped, the gradient reaching its logits, its
   mask embedding and the patch features of its patches, and the norm of its decoder class embedding.
+- `patch_grid_miou`: the mIoU a label map keeps once it passes through the segmenter's patch grid (averaged per
+  patch, upsampled as the logits are), e.g. what a segmenter that reproduced its pseudo-labels exactly could score.
 """
 
 import logging
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .evaluation import evaluate_segmentation
+from .metrics import ConfusionMatrix
 from .modeling_weaktr import clip_pixel_losses, upsample_logits
 
 logger = logging.getLogger(__name__)
@@ -164,6 +167,53 @@ def _patch_labels(labels, patch_size, num_labels, ignore_index):
     return torch.where(majority == num_labels, torch.full_like(majority, -1), majority)
 
 
+def _through_patch_grid(label, patch_size, num_labels, scale, ignore_index):
+    """`(H, W)` labels -> `(num_labels, H, W)` class shares after the patch grid at `scale`, as the logits would be."""
+    height, width = label.shape
+    size = (max(round(height * scale), 1), max(round(width * scale), 1))
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    valid = label != ignore_index
+    one_hot = F.one_hot(torch.where(valid, label, 0), num_labels).permute(2, 0, 1).float() * valid
+    pad = (0, (-size[1]) % patch_size, 0, (-size[0]) % patch_size)  # the model pads bottom / right
+    shares = F.avg_pool2d(F.pad(one_hot, pad)[None], patch_size)
+    shares = upsample_logits(shares, size, patch_size)
+    return F.interpolate(shares, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def patch_grid_miou(pairs, num_labels, patch_size, scales=(1.0,), ignore_index=255):
+    """
+    The mIoU a label map keeps through a segmenter's patch grid: an upper bound for a segmenter that reproduces it.
+
+    Each label map is resized (nearest) to every scale, its one-hot classes are averaged over each `patch_size`
+    patch (what one patch's logits can hold at best), upsampled bilinearly as `upsample_logits` does and resized
+    back; the shares are summed over the scales (as the multi-scale evaluation sums probabilities) and the argmax
+    is scored against the truth.
+
+    Args:
+        pairs (iterable of `(label, truth)`): `(H, W)` integer arrays; `label` may hold `ignore_index` (counted as
+            no class), `truth` pixels at `ignore_index` are not scored.
+        num_labels (`int`): classes, background included.
+        patch_size (`int`): the segmenter's patch size (`model.config.patch_size`).
+        scales (`tuple[float]`): the evaluation's scales; `(1.0,)` for a single pass.
+
+    Returns:
+        The dict of `ConfusionMatrix.compute()` (`mean_iou`, `per_category_iou`, ...).
+    """
+    if patch_size < 1 or not scales or min(scales) <= 0:
+        raise ValueError(f"patch_size must be >= 1 and scales positive, got {patch_size} and {scales}.")
+    matrix = ConfusionMatrix(num_labels, ignore_index=ignore_index)
+    for label, truth in pairs:
+        label = torch.as_tensor(np.asarray(label, dtype=np.int64))
+        truth = np.asarray(truth, dtype=np.int64)
+        if label.shape != truth.shape:
+            raise ValueError(f"a label map of shape {tuple(label.shape)} has a truth of shape {truth.shape}.")
+        if ((label != ignore_index) & ((label < 0) | (label >= num_labels))).any():
+            raise ValueError(f"a label map holds values outside 0..{num_labels - 1} and {ignore_index}.")
+        shares = sum(_through_patch_grid(label, patch_size, num_labels, scale, ignore_index) for scale in scales)
+        matrix.update(shares.argmax(0).numpy(), truth)
+    return matrix.compute()
+
+
 class StepTwoProbe:
     """
     Per-class measurements of step-2 training, recorded by hooks on a `WeakTrForSemanticSegmentation`.
@@ -295,4 +345,4 @@ class StepTwoProbe:
         return epochs
 
 
-__all__ = ["StepTwoProbe", "class_fit_report", "format_fit_report"]
+__all__ = ["StepTwoProbe", "class_fit_report", "format_fit_report", "patch_grid_miou"]
