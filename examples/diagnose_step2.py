@@ -29,6 +29,7 @@ import sys
 import types
 
 import torch
+from tqdm.auto import tqdm
 
 from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report, patch_grid_miou
@@ -92,7 +93,9 @@ def patch_grid_ceilings(train, val, pseudo_labels, num_labels, patch_size, scale
         if dataset is None:
             continue
         for label, chosen in (("single scale", (1.0,)), ("multi-scale", scales)):
-            scores = patch_grid_miou(pairs(dataset, label_dir), num_labels, patch_size, chosen)
+            progress = tqdm(pairs(dataset, label_dir), total=len(dataset), desc=f"patch grid: {name}, {label}",
+                            leave=False, dynamic_ncols=True)  # fmt: skip
+            scores = patch_grid_miou(progress, num_labels, patch_size, chosen)
             found[f"{name}, {label}"] = scores["mean_iou"]
     return found
 
