@@ -32,12 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from weaktr_hf import WeakTrForSemanticSegmentation
+from weaktr_hf.data.schema import mask_to_array
 from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report, patch_grid_miou
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
-from weaktr_hf.data.schema import mask_to_array
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, pseudo_label_path
-from weaktr_hf.visualization import load_label_png
 from weaktr_hf.training import write_json_atomic
+from weaktr_hf.visualization import load_label_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Measurements averaged per epoch in the Markdown report (the JSON has them all).
