@@ -18,7 +18,7 @@ import weaktr_hf.hub
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.data import BadSampleError, get_class_names, get_metadata
 from weaktr_hf.visualization import load_label_png
-from conftest import recipe_api
+from conftest import load_example, recipe_api
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 12, 4
@@ -157,8 +157,6 @@ def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_
 def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finished_run, tmp_path):
     """examples/diagnose_step2.py on a finished run: the pseudo-labels (train) and the truth (val) through the
     segmenter's patch grid, one pass and the run's evaluation scales, in its JSON and Markdown reports."""
-    import importlib.util
-
     from weaktr_hf.data import load_wsss_dataset
     from weaktr_hf.data.schema import mask_to_array
     from weaktr_hf.diagnostics import patch_grid_miou
@@ -167,11 +165,7 @@ def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finishe
     rerun = tmp_path / "rerun"
     for name in ("cam", "pseudo_labels", "seg"):
         shutil.copytree(output_dir / name, rerun / name)
-    spec = importlib.util.spec_from_file_location("diagnose_step2", ROOT / "examples" / "diagnose_step2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    found = module.main(["--diagnose_only", "--output_dir", str(rerun), *TINY])["patch_grid"]
+    found = load_example("diagnose_step2.py", "diagnose_step2").main(["--diagnose_only", "--output_dir", str(rerun), *TINY])["patch_grid"]
 
     assert list(found) == [f"{labels}, {passes}" for labels in ("pseudo-labels (train)", "truth (val)")
                            for passes in ("single scale", "multi-scale")]  # fmt: skip
