@@ -9,9 +9,9 @@ The images, their size, the number of classes and of training images, the step-1
 resized crop at scale 0.5-1 and flip), batch, weight decay and the loss (multi-label soft margin, ln 2 = 0.693 at
 chance) are the demo preset's, so a probe sees what step 1 sees. `--model vit` is timm's `VisionTransformer` with the
 demo encoder's shape (patch 8, width 128, 4 layers, 4 heads), from random weights or the committed demo backbone
-(`--backbone demo`, or a timm checkpoint file); `--model cnn` is four blocks of two 3 x 3 convolutions with batch
-norm (32-64-128-128 channels, max pooling between blocks) and global average pooling. Both train with AdamW and a
-one-cycle schedule (7% warm-up), one thread.
+(`--backbone demo`, or a timm checkpoint file; `--patch_size 4` makes a finer patch grid, from random weights only);
+`--model cnn` is four blocks of two 3 x 3 convolutions with batch norm (32-64-128-128 channels, max pooling between
+blocks) and global average pooling. Both train with AdamW and a one-cycle schedule (7% warm-up), one thread.
 
 Every `--eval_every` epochs it prints the mean training loss of the epoch and, on the validation images (resized
 only), the loss, the label accuracy (each class present / absent right, threshold at logit 0) and the exact-match
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--backbone", default="none",
                         help="--model vit: 'none' (random weights), 'demo' (the committed demo backbone) or a timm "
                              "checkpoint file")  # fmt: skip
+    parser.add_argument("--patch_size", type=int, default=DEMO["patch_size"],
+                        help="--model vit: patch size; other than the demo's 8 only from random weights")  # fmt: skip
     parser.add_argument("--num_train_epochs", type=int, default=DEMO["num_train_epochs"])
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="peak lr; default 1e-3 (cnn) or the demo's step-1 2e-3 (vit)")  # fmt: skip
@@ -54,8 +56,12 @@ def parse_args(argv=None):
     parser.add_argument("--eval_every", type=int, default=5, help="epochs between evaluations (and the last one)")
     parser.add_argument("--output_json", default=None, help="write the settings and every evaluation here")
     args = parser.parse_args(argv)
-    if args.model == "cnn" and args.backbone != "none":
-        parser.error("--backbone is for --model vit only.")
+    if args.model == "cnn" and (args.backbone != "none" or args.patch_size != DEMO["patch_size"]):
+        parser.error("--backbone and --patch_size are for --model vit only.")
+    if args.patch_size != DEMO["patch_size"] and args.backbone != "none":
+        parser.error(f"--patch_size {args.patch_size}: backbones are patch {DEMO['patch_size']}; use --backbone none.")
+    if args.patch_size < 1 or DEMO["cam_image_size"] % args.patch_size:
+        parser.error(f"--patch_size must divide the input size {DEMO['cam_image_size']}, got {args.patch_size}.")
     for name in ("num_train_epochs", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -78,13 +84,13 @@ def build_cnn(num_classes):
     return nn.Sequential(*layers)
 
 
-def build_vit(num_classes, backbone):
+def build_vit(num_classes, backbone, patch_size=DEMO["patch_size"]):
     """timm's ViT in the demo encoder's shape; weights from `backbone` ('none', 'demo' or a file), head left new."""
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
-        img_size=DEMO["cam_image_size"], patch_size=DEMO["patch_size"], embed_dim=DEMO["hidden_size"],
+        img_size=DEMO["cam_image_size"], patch_size=patch_size, embed_dim=DEMO["hidden_size"],
         depth=DEMO["num_hidden_layers"], num_heads=DEMO["num_attention_heads"],
         mlp_ratio=DEMO["intermediate_size"] / DEMO["hidden_size"], num_classes=num_classes,
     )  # fmt: skip
@@ -155,7 +161,7 @@ def probe(args):
     if args.model == "cnn":
         model, backbone = build_cnn(num_classes), None
     else:
-        model, backbone = build_vit(num_classes, args.backbone)
+        model, backbone = build_vit(num_classes, args.backbone, args.patch_size)
     batch_size = DEMO["total_train_batch_size"]
     steps_per_epoch = len(train) // batch_size  # the last partial batch is dropped
     total_steps = args.num_train_epochs * steps_per_epoch

@@ -49,6 +49,8 @@ def test_vit_probe_starts_from_the_demo_backbone_with_a_new_head(script):
     scratch, none = script.build_vit(4, "none")
     assert none is None
     assert not torch.equal(scratch.patch_embed.proj.weight, weights["patch_embed.proj.weight"])
+    finer, _ = script.build_vit(4, "none", patch_size=4)
+    assert finer.patch_embed.grid_size == (16, 16) and finer(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
 
 
 def test_vit_probe_refuses_a_checkpoint_of_another_shape(script, tmp_path):
@@ -65,7 +67,13 @@ def test_vit_probe_refuses_a_checkpoint_of_another_shape(script, tmp_path):
 def test_flags_that_do_not_apply_are_refused(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "cnn", "--backbone", "demo"])
-    assert "--backbone is for --model vit only" in capsys.readouterr().err
+    assert "--backbone and --patch_size are for --model vit only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "vit", "--backbone", "demo", "--patch_size", "4"])
+    assert "use --backbone none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "vit", "--patch_size", "5"])
+    assert "--patch_size must divide the input size 64, got 5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "vit", "--num_train", "8"])
     with pytest.raises(SystemExit):
