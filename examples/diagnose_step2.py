@@ -14,7 +14,10 @@ does (each stage reseeds; the probe's hooks change nothing), scores it as `--sta
   crops where the class covers less than one patch, share of its pixels whose loss is clipped, gradient on its
   logits / mask embedding / patch features, and its decoder class-embedding norm;
 - the mIoU the pseudo-labels (train) and the truth (val) keep through the segmenter's patch grid, one pass and the
-  evaluation's scales (`weaktr_hf.diagnostics.patch_grid_miou`): how much of a gap the output resolution explains.
+  evaluation's scales (`weaktr_hf.diagnostics.patch_grid_miou`): how much of a gap the output resolution explains;
+- the segmenter's val mIoU as the evaluation scores it, but with each image's prediction restricted to the classes
+  of its mask (the image-level labels the pseudo-labels are made with; `evaluate_segmentation(...,
+  present_classes_only=True)`): how much of a gap is telling the classes apart rather than finding them.
 
 `--diagnose_only` skips training and evaluation and reports on the run's saved segmenter (no probe then).
 The findings on the demo are in docs/step2-diagnosis.md.
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.data.schema import mask_to_array
 from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report, patch_grid_miou
+from weaktr_hf.evaluation import evaluate_segmentation
 from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, pseudo_label_path
 from weaktr_hf.training import write_json_atomic
@@ -166,6 +170,15 @@ def main(argv=None):
             recipe.split(dataset, args.train_split), val if recipe.has_masks(val) else None, pseudo_labels,
             len(class_names), model.config.patch_size, tuple(args.eval_scales),
         )  # fmt: skip
+    if recipe.has_masks(val):  # the eval stage's passes, each image told its own classes
+        told = evaluate_segmentation(
+            model, val, args.window_size, args.window_stride, scales=tuple(args.eval_scales), flip=True,
+            base_size=args.eval_base_size, min_size=args.eval_min_size, aux_weight=args.eval_aux_weight,
+            max_samples=args.eval_samples, present_classes_only=True, show_progress=False,
+            image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0],
+        )  # fmt: skip
+        diagnostics["seg_val_miou_ms_flip_image_labels"] = told["mean_iou"]
+        diagnostics["seg_val_per_class_iou_image_labels"] = dict(zip(class_names, told["per_category_iou"].tolist()))
     text = [f"# Step-2 diagnostics of {args.output_dir}", "", format_fit_report(report)]
     truth, segmenter = diagnostics.get("pseudo_label_train_per_class_iou"), diagnostics["seg_val_per_class_iou"]
     if truth and segmenter:
@@ -184,6 +197,12 @@ def main(argv=None):
                 f"(pseudo-label IoU >= 0.2, val IoU < 0.1): {diagnostics['dropped_classes'] or 'none'}"
             ),
         ]
+    if "seg_val_miou_ms_flip_image_labels" in diagnostics:
+        told = diagnostics["seg_val_per_class_iou_image_labels"]
+        text += ["", (f"val mIoU (multi-scale + flip) with each image's prediction restricted to the classes of its "
+                      f"mask (the image-level labels the pseudo-labels are made with): "
+                      f"{100 * diagnostics['seg_val_miou_ms_flip_image_labels']:.1f}; per class: "
+                      + ", ".join(f"{name} {told[name]:.3f}" for name in class_names))]  # fmt: skip
     if diagnostics.get("patch_grid"):
         text += ["", "mIoU through the segmenter's patch grid (each label map averaged per patch and upsampled as the "
                  "logits are: what a segmenter that reproduced it exactly would score):", ""]  # fmt: skip

@@ -156,7 +156,8 @@ def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_
 
 def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finished_run, tmp_path):
     """examples/diagnose_step2.py on a finished run: the pseudo-labels (train) and the truth (val) through the
-    segmenter's patch grid, one pass and the run's evaluation scales, in its JSON and Markdown reports."""
+    segmenter's patch grid, one pass and the run's evaluation scales, in its JSON and Markdown reports; and the
+    segmenter's val mIoU with each image told its own classes."""
     from weaktr_hf.data import load_wsss_dataset
     from weaktr_hf.data.schema import mask_to_array
     from weaktr_hf.diagnostics import patch_grid_miou
@@ -165,7 +166,9 @@ def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finishe
     rerun = tmp_path / "rerun"
     for name in ("cam", "pseudo_labels", "seg"):
         shutil.copytree(output_dir / name, rerun / name)
-    found = load_example("diagnose_step2.py", "diagnose_step2").main(["--diagnose_only", "--output_dir", str(rerun), *TINY])["patch_grid"]
+    diagnostics = load_example("diagnose_step2.py", "diagnose_step2").main(["--diagnose_only", "--output_dir",
+                                                                            str(rerun), *TINY])  # fmt: skip
+    found = diagnostics["patch_grid"]
 
     assert list(found) == [f"{labels}, {passes}" for labels in ("pseudo-labels (train)", "truth (val)")
                            for passes in ("single scale", "multi-scale")]  # fmt: skip
@@ -179,6 +182,11 @@ def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finishe
     report = (rerun / "step2_diagnostics.md").read_text()
     assert "through the segmenter's patch grid" in report
     assert f"truth (val), multi-scale: {100 * expected:.1f}" in report
+    told = diagnostics["seg_val_per_class_iou_image_labels"]
+    assert list(told) == diagnostics["classes"] and all(0.0 <= value <= 1.0 for value in told.values())
+    line = (f"restricted to the classes of its mask (the image-level labels the pseudo-labels are made with): "
+            f"{100 * diagnostics['seg_val_miou_ms_flip_image_labels']:.1f}")  # fmt: skip
+    assert line in report
 
 
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):

@@ -43,6 +43,15 @@ def _reference(example):
     return mask_to_array(example["semantic_mask"], example["id"])
 
 
+def _absent_classes(reference, num_labels, ignore_index=255):
+    """The foreground classes a mask does not hold (the background is never absent)."""
+    present = np.zeros(num_labels, dtype=bool)
+    values = np.unique(reference)
+    present[values[(values != ignore_index) & (values < num_labels)]] = True
+    present[0] = True
+    return torch.from_numpy(np.flatnonzero(~present))
+
+
 def evaluate_cams(
     model,
     dataset,
@@ -122,6 +131,7 @@ def evaluate_segmentation(
     min_size=None,
     aux_weight=0.0,
     skip_unlabelled=False,
+    present_classes_only=False,
 ):
     """
     Score a `WeakTrForSemanticSegmentation` on the dataset's masks: softmax probabilities from `segment` (sliding
@@ -138,6 +148,11 @@ def evaluate_segmentation(
     (e.g. to save PNGs) with the final (CRF-refined when `crf` is given) prediction. A sample without a mask is an
     error, or with `skip_unlabelled` predicted (and passed to `on_prediction`) but not scored; with no mask at all
     `mean_iou` is NaN.
+
+    With `present_classes_only` each prediction is restricted to the background and the classes of the image's own
+    mask (its image-level labels, which the pseudo-labels are made with): the score once the segmenter is told which
+    classes an image holds, so that a gap to the pseudo-labels splits into telling the classes apart and finding
+    them (`examples/diagnose_step2.py`). A diagnostic that reads the truth, never an evaluation of the segmenter.
     """
     transform = image_transform or _default_image_transform()
     names = ["main"] + (["crf"] if crf is not None else []) + (["final_only"] if aux_weight > 0 else [])
@@ -152,6 +167,11 @@ def evaluate_segmentation(
         pixel_values = transform(example["image"]).unsqueeze(0).to(device)
         final, aux = _segment_heads(model, pixel_values, window_size, window_stride, scales, flip, 4, base_size,
                                     min_size, aux=aux_weight > 0)  # fmt: skip
+        if present_classes_only and reference is not None:
+            absent = _absent_classes(reference, model.config.num_labels).to(final.device)
+            final[:, absent] = -1.0
+            if aux is not None:
+                aux[:, absent] = -1.0
         probabilities = (final if aux is None else (final + aux_weight * aux) / (1.0 + aux_weight))[0]
         prediction = probabilities.argmax(0).cpu().numpy()
         if reference is not None:
