@@ -346,3 +346,21 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_p
         browser.close()
     assert sorted(path.name for path in shots.glob("*.png")) == ["bad_upload.png", "inspect_run.png",
                                                                  "try_threshold_0.1.png", "try_threshold_0.9.png"]
+
+
+def test_pseudo_label_controls_share_one_listener_so_the_last_change_writes_last(tiny_run):
+    """The threshold, the CAM choice and the CRF box relabel through one listener (run in order, the last trigger's
+    values last): with one listener each, an older relabel could finish after a newer one and overwrite its panels."""
+    pytest.importorskip("gradio", reason="weaktr-app needs the app extra: pip install 'weaktr-hf[app]'")
+    from weaktr_hf.app import build_app
+
+    page = build_app(App(run=tiny_run))
+    labels = {block._id: getattr(block, "label", None) for block in page.blocks.values()}
+    controls = {"background threshold", "CAM behind the pseudo-label", "also refine with the dense CRF"}
+    relabels = [dependency for dependency in page.config["dependencies"]
+                if {labels.get(target) for target, _ in dependency["targets"]} & controls]  # fmt: skip
+    assert len(relabels) == 1, [dependency["targets"] for dependency in relabels]
+    events = {(labels.get(target), event) for target, event in relabels[0]["targets"]}
+    assert events == {("background threshold", "release"), ("CAM behind the pseudo-label", "change"),
+                      ("also refine with the dense CRF", "change")}  # fmt: skip
+    assert relabels[0]["trigger_mode"] == "always_last"

@@ -577,9 +577,13 @@ def build_app(app):
                 step1 = [cam_state, cam_notes, scores, pseudo_legend, pseudo, pseudo_crf, cams]
             upload.upload(analyze, [upload, *controls], [upload] + outputs + step1, api_name="analyze")
             if app.cam_model is not None:
-                for control, event in ((threshold, "release"), (cam_choice, "change"), (with_crf, "change")):
-                    getattr(control, event)(relabel, [cam_state, *controls[:3]], [pseudo_legend, pseudo, pseudo_crf],
-                                            api_name=False)  # fmt: skip
+                # One listener for the three controls: its events run one at a time, in order, so the last one
+                # (the controls as they now are) writes the pseudo-label panels last. With a listener per control,
+                # a threshold release still running when the CRF box is ticked could finish after the box's event
+                # and empty the CRF panel again.
+                gr.on([threshold.release, cam_choice.change, with_crf.change], relabel,
+                      [cam_state, *controls[:3]], [pseudo_legend, pseudo, pseudo_crf], api_name=False,
+                      trigger_mode="always_last")  # fmt: skip
                 class_level.release(reclassify, [upload, *controls], step1, api_name=False)
 
             def segment_api(path):
