@@ -149,13 +149,17 @@ def main(argv=None):
     pseudo_labels = os.path.join(args.output_dir, "pseudo_labels")
     train = pseudo_label_dataset(recipe.split(dataset, args.train_split), pseudo_labels)
     val = recipe.split(dataset, args.val_split)
+    val = val if recipe.has_masks(val) else None  # scored against the truth only where it has masks
     model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).eval()
     processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
                                      image_std=list(args.seg_image_std))  # fmt: skip
+
+    def transform(image):
+        return processor(image, return_tensors="pt").pixel_values[0]
+
     report = class_fit_report(
-        model, train, val if recipe.has_masks(val) else None, args.window_size, args.window_stride,
-        class_names=class_names, train_samples=own.fit_samples,
-        image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0],
+        model, train, val, args.window_size, args.window_stride,
+        class_names=class_names, train_samples=own.fit_samples, image_transform=transform,
     )  # fmt: skip
     steps_per_epoch = math.ceil(len(train) / args.seg_total_train_batch_size)
     diagnostics = {"fit_report": report, "classes": class_names, "steps_per_epoch": steps_per_epoch,
@@ -167,15 +171,14 @@ def main(argv=None):
         diagnostics["pseudo_label_train_miou"] = scores["mean_iou"]
         diagnostics["pseudo_label_train_per_class_iou"] = dict(zip(class_names, scores["per_category_iou"].tolist()))
         diagnostics["patch_grid"] = patch_grid_ceilings(
-            recipe.split(dataset, args.train_split), val if recipe.has_masks(val) else None, pseudo_labels,
+            recipe.split(dataset, args.train_split), val, pseudo_labels,
             len(class_names), model.config.patch_size, tuple(args.eval_scales),
         )  # fmt: skip
-    if recipe.has_masks(val):  # the eval stage's passes, each image told its own classes
+    if val is not None:  # the eval stage's passes, each image told its own classes
         told = evaluate_segmentation(
             model, val, args.window_size, args.window_stride, scales=tuple(args.eval_scales), flip=True,
             base_size=args.eval_base_size, min_size=args.eval_min_size, aux_weight=args.eval_aux_weight,
-            max_samples=args.eval_samples, present_classes_only=True, show_progress=False,
-            image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0],
+            max_samples=args.eval_samples, present_classes_only=True, show_progress=False, image_transform=transform,
         )  # fmt: skip
         diagnostics["seg_val_miou_ms_flip_image_labels"] = told["mean_iou"]
         diagnostics["seg_val_per_class_iou_image_labels"] = dict(zip(class_names, told["per_category_iou"].tolist()))

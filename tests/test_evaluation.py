@@ -1,12 +1,15 @@
 """Evaluation edge cases (the scoring itself is tested with the recipe and the metrics)."""
 
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 
 from conftest import WeakTrModelTester
 
-from weaktr_hf import WeakTrForCAM
+from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.data import make_synthetic_split
-from weaktr_hf.evaluation import evaluate_cams
+from weaktr_hf.evaluation import evaluate_cams, evaluate_segmentation
 
 
 def test_cam_evaluation_of_no_sample_says_so():
@@ -20,13 +23,6 @@ def test_cam_evaluation_of_no_sample_says_so():
 
 
 def test_present_classes_only_restricts_each_prediction_to_the_classes_of_its_mask():
-    import datasets
-    import numpy as np
-    import PIL.Image
-
-    from weaktr_hf import WeakTrForSemanticSegmentation
-    from weaktr_hf.evaluation import evaluate_segmentation
-
     tester = WeakTrModelTester()
     model = WeakTrForSemanticSegmentation(tester.get_segmentation_config()).eval()
     num_labels = model.config.num_labels
