@@ -38,7 +38,6 @@ from weaktr_hf import WeakTrForSemanticSegmentation
 from weaktr_hf.data.schema import mask_to_array
 from weaktr_hf.diagnostics import StepTwoProbe, class_fit_report, dropped_classes, format_fit_report, patch_grid_miou
 from weaktr_hf.evaluation import evaluate_segmentation
-from weaktr_hf.image_processing_weaktr import WeakTrImageProcessor
 from weaktr_hf.pseudo_labels import evaluate_pseudo_labels, pseudo_label_dataset, pseudo_label_path
 from weaktr_hf.training import write_json_atomic
 from weaktr_hf.visualization import load_label_png
@@ -108,7 +107,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diagnostics_name", default="step2_diagnostics")
     parser.add_argument("--diagnose_only", action="store_true")
-    parser.add_argument("--fit_samples", type=int, default=200, help="training images scored against pseudo-labels")
+    parser.add_argument("--fit_samples", type=int, default=None,
+                        help="training images scored against pseudo-labels (default: the run's --fit_report_samples, "
+                        "200 where that is 0)")
     parser.add_argument(
         "--preset_value",
         action="append",
@@ -117,6 +118,8 @@ def main(argv=None):
         help="try a preset value that has no flag (e.g. clip_start_value=0.3), repeatable",
     )
     own, train_argv = parser.parse_known_args(argv)
+    if own.fit_samples is not None and own.fit_samples < 1:
+        parser.error(f"--fit_samples must be at least 1, got {own.fit_samples}.")
     if "--stage" in train_argv:
         parser.error("--stage is chosen by this script (seg, then eval); leave it out.")
     recipe = load_recipe()
@@ -151,16 +154,9 @@ def main(argv=None):
     val = recipe.split(dataset, args.val_split)
     val = val if recipe.has_masks(val) else None  # scored against the truth only where it has masks
     model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).eval()
-    processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
-                                     image_std=list(args.seg_image_std))  # fmt: skip
-
-    def transform(image):
-        return processor(image, return_tensors="pt").pixel_values[0]
-
-    report = class_fit_report(
-        model, train, val, args.window_size, args.window_stride,
-        class_names=class_names, train_samples=own.fit_samples, image_transform=transform,
-    )  # fmt: skip
+    options = recipe.stages.segmentation_eval_options(args)  # the eval stage's window, sizes, aux weight, transform
+    fit_samples = own.fit_samples if own.fit_samples is not None else (args.fit_report_samples or 200)
+    report = class_fit_report(model, train, val, class_names=class_names, train_samples=fit_samples, **options)
     steps_per_epoch = math.ceil(len(train) / args.seg_total_train_batch_size)
     diagnostics = {"fit_report": report, "classes": class_names, "steps_per_epoch": steps_per_epoch,
                    "training": probe.summary(steps_per_epoch) if probe.rows else None,
@@ -176,9 +172,8 @@ def main(argv=None):
         )  # fmt: skip
     if val is not None:  # the eval stage's passes, each image told its own classes
         told = evaluate_segmentation(
-            model, val, args.window_size, args.window_stride, scales=tuple(args.eval_scales), flip=True,
-            base_size=args.eval_base_size, min_size=args.eval_min_size, aux_weight=args.eval_aux_weight,
-            max_samples=args.eval_samples, present_classes_only=True, show_progress=False, image_transform=transform,
+            model, val, scales=tuple(args.eval_scales), flip=True, max_samples=args.eval_samples,
+            skip_unlabelled=True, present_classes_only=True, show_progress=False, **options,
         )  # fmt: skip
         diagnostics["seg_val_miou_ms_flip_image_labels"] = told["mean_iou"]
         diagnostics["seg_val_per_class_iou_image_labels"] = dict(zip(class_names, told["per_category_iou"].tolist()))

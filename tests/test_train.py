@@ -189,6 +189,34 @@ def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finishe
     assert line in report
 
 
+def test_diagnose_step2_scores_the_segmenter_as_the_eval_stage_did(script, finished_run, tmp_path, monkeypatch):
+    """diagnose_step2 takes the eval stage's geometry from the run's flags (here a base size and the auxiliary
+    decoder's weight, which the demo leaves off): its fit report equals the eval stage's on the same segmenter, and
+    its told pass gets the same window, sizes and aux weight."""
+    output_dir, _ = finished_run
+    rerun = tmp_path / "rerun"
+    for name in ("cam", "pseudo_labels", "seg"):
+        shutil.copytree(output_dir / name, rerun / name)
+    flags = [*TINY, "--eval_base_size", "40", "--eval_aux_weight", "0.5", "--fit_report_samples", "6"]
+    results = script.main(["--stage", "eval", "--output_dir", str(rerun), *flags])
+    module = load_example("diagnose_step2.py", "diagnose_step2")
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return module_evaluate(*args, **kwargs)
+
+    module_evaluate = module.evaluate_segmentation
+    monkeypatch.setattr(module, "evaluate_segmentation", recording)
+    diagnostics = module.main(["--diagnose_only", "--output_dir", str(rerun), *flags])
+
+    assert diagnostics["fit_report"]["fit_samples"] == results["seg_train_fit_samples"] == 6
+    assert diagnostics["fit_report"]["fit_miou"] == pytest.approx(results["seg_train_fit_miou"])
+    (told,) = calls
+    assert told["present_classes_only"] and told["skip_unlabelled"]
+    assert (told["base_size"], told["aux_weight"], told["window_size"], told["window_stride"]) == (40, 0.5, 32, 24)
+
+
 def test_push_to_hub_uploads_model_processor_and_card(script, finished_run, monkeypatch):
     output_dir, _ = finished_run
     uploads, created = [], []

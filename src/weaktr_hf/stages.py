@@ -667,12 +667,8 @@ def eval_stage(args, accelerator, dataset, class_names, results):
                 os.path.join(figures, f"prediction_{example['id']}.png")
             )
 
-    processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
-                                     image_std=list(args.seg_image_std))  # fmt: skip
-    common = dict(window_size=args.window_size, window_stride=args.window_stride, accelerator=accelerator,
-                  max_samples=args.eval_samples, base_size=args.eval_base_size, min_size=args.eval_min_size,
-                  aux_weight=args.eval_aux_weight, skip_unlabelled=True,
-                  image_transform=lambda image: processor(image, return_tensors="pt").pixel_values[0])  # fmt: skip
+    common = dict(**segmentation_eval_options(args), accelerator=accelerator, max_samples=args.eval_samples,
+                  skip_unlabelled=True)  # fmt: skip
     crf = EVAL_CRFS[args.eval_crf] if args.eval_crf else None
     passes = dict(scales=args.eval_scales, flip=True)
     if args.eval_without_masks == "predict" and not rows_with_masks(val):
@@ -709,6 +705,23 @@ def eval_stage(args, accelerator, dataset, class_names, results):
         results["trivial_baseline_miou"] = trivial_baseline_miou(split(dataset, args.val_split))
     if accelerator.is_main_process:
         save_cam_overlays(args, split(dataset, args.train_split), figures, class_names)
+
+
+def segmentation_eval_options(args):
+    """How the eval stage runs the segmenter, from a run's arguments: the sliding window, the base / minimum size,
+    the auxiliary decoder's weight and the image transform (the run's normalisation, no resize or pad). Keyword
+    arguments of `evaluate_segmentation` and `class_fit_report`, so that a diagnostic scores a saved segmenter the way
+    its run did; the scales, flip, CRF and sample count are each caller's."""
+    processor = WeakTrImageProcessor(do_resize=False, do_pad=False, image_mean=list(args.seg_image_mean),
+                                     image_std=list(args.seg_image_std))  # fmt: skip
+
+    def image_transform(image):
+        return processor(image, return_tensors="pt").pixel_values[0]
+
+    return dict(
+        window_size=args.window_size, window_stride=args.window_stride, base_size=args.eval_base_size,
+        min_size=args.eval_min_size, aux_weight=args.eval_aux_weight, image_transform=image_transform,
+    )  # fmt: skip
 
 
 def fit_report(args, accelerator, model, dataset, class_names, common, results):
