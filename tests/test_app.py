@@ -364,3 +364,22 @@ def test_pseudo_label_controls_share_one_listener_so_the_last_change_writes_last
     assert events == {("background threshold", "release"), ("CAM behind the pseudo-label", "change"),
                       ("also refine with the dense CRF", "change")}  # fmt: skip
     assert relabels[0]["trigger_mode"] == "always_last"
+
+
+def test_every_listener_writing_the_pseudo_label_panels_runs_in_one_queue(tiny_run):
+    """The upload, the class threshold and the relabel listener all write the pseudo-label panels: they share one
+    concurrency group of one event at a time, so a relabel triggered while an upload or a class-threshold change is
+    running waits for it and writes last. In parallel, the older event could finish last with stale controls."""
+    pytest.importorskip("gradio", reason="weaktr-app needs the app extra: pip install 'weaktr-hf[app]'")
+    from weaktr_hf.app import PANELS_QUEUE, build_app
+
+    page = build_app(App(run=tiny_run))
+    crf_panel = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "pseudo-crf")
+    writers = [function for function in page.fns.values() if crf_panel in function.outputs]
+    labels = {block._id: getattr(block, "label", None) for block in page.blocks.values()}
+    triggers = {(labels.get(target), event) for function in writers for target, event in function.targets}
+    assert {("background threshold", "release"), ("also refine with the dense CRF", "change")} <= triggers
+    assert {event for _, event in triggers} >= {"upload", "release", "change"} and len(writers) == 3
+    assert all(function.concurrency_id == PANELS_QUEUE and function.concurrency_limit == 1 for function in writers)
+    others = [function for function in page.fns.values() if function not in writers]
+    assert all(function.concurrency_id != PANELS_QUEUE for function in others)

@@ -44,6 +44,8 @@ CAM_TITLES = {"coarse_cam": "coarse CAM", "fine_cam": "fine CAM", "cross_attenti
 # An upload larger than this is refused before it is decoded: sliding-window inference of a 40-megapixel photo takes
 # minutes on a CPU, and PIL's own decompression-bomb guard only starts at 89 megapixels.
 MAX_IMAGE_PIXELS = 40_000_000
+# The listeners that write the pseudo-label panels share this Gradio concurrency group (one event at a time, in order).
+PANELS_QUEUE = "pseudo-label-panels"
 MIN_PANEL_SIDE = 256  # px: small images (the demo's 64 px) are enlarged by nearest neighbour to stay readable
 
 
@@ -575,16 +577,21 @@ def build_app(app):
             if app.cam_model is not None:
                 controls = [cam_choice, threshold, with_crf, class_level]
                 step1 = [cam_state, cam_notes, scores, pseudo_legend, pseudo, pseudo_crf, cams]
-            upload.upload(analyze, [upload, *controls], [upload] + outputs + step1, api_name="analyze")
+            # Every listener that writes the pseudo-label panels runs in one queue, one event at a time in the order
+            # they came (PANELS_QUEUE): a relabel started after an upload or a class-threshold change then runs after
+            # it, on the CAMs it stored, and writes last. In parallel, the older event could finish last and put back
+            # panels made with the controls as they were when it started (e.g. an empty CRF panel after the box was
+            # ticked).
+            one_queue = dict(concurrency_id=PANELS_QUEUE, concurrency_limit=1)
+            upload.upload(analyze, [upload, *controls], [upload] + outputs + step1, api_name="analyze",
+                          **one_queue)  # fmt: skip
             if app.cam_model is not None:
-                # One listener for the three controls: its events run one at a time, in order, so the last one
-                # (the controls as they now are) writes the pseudo-label panels last. With a listener per control,
-                # a threshold release still running when the CRF box is ticked could finish after the box's event
-                # and empty the CRF panel again.
+                # One listener for the three controls, "always_last": of the changes made while one runs, only the
+                # last is run next, with the controls as they now are.
                 gr.on([threshold.release, cam_choice.change, with_crf.change], relabel,
                       [cam_state, *controls[:3]], [pseudo_legend, pseudo, pseudo_crf], api_name=False,
-                      trigger_mode="always_last")  # fmt: skip
-                class_level.release(reclassify, [upload, *controls], step1, api_name=False)
+                      trigger_mode="always_last", **one_queue)  # fmt: skip
+                class_level.release(reclassify, [upload, *controls], step1, api_name=False, **one_queue)
 
             def segment_api(path):
                 """Segmenter overlay and per-class pixel shares of an image file (the API of the segmenter alone)."""
