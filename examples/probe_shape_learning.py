@@ -9,7 +9,11 @@ The images, their size, the number of classes and of training images, the step-1
 resized crop at scale 0.5-1 and flip), batch, weight decay and the loss (multi-label soft margin, ln 2 = 0.693 at
 chance) are the demo preset's, so a probe sees what step 1 sees. `--model vit` is timm's `VisionTransformer` with the
 demo encoder's shape (patch 8, width 128, 4 layers, 4 heads), from random weights or the committed demo backbone
-(`--backbone demo`, or a timm checkpoint file; `--patch_size 4` makes a finer patch grid, from random weights only);
+(`--backbone demo`, or a timm checkpoint file; `--patch_size 4` makes a finer patch grid, from random weights only;
+`--stem conv` puts a convolutional stem in place of the patch projection: three 3 x 3 stride-2 convolutions with
+batch norm and ReLU, 32-64-128 channels, then a 1 x 1 convolution to the width, the same 8 x 8 token grid; `--stem cnn`
+puts the first three blocks of the CNN below there instead (six convolutions, three max-poolings), a hybrid ViT; both
+from random weights only);
 `--model cnn` is four blocks of two 3 x 3 convolutions with batch norm (32-64-128-128 channels, max pooling between
 blocks) and global average pooling. Both train with AdamW and a one-cycle schedule (7% warm-up), one thread.
 
@@ -48,6 +52,9 @@ def parse_args(argv=None):
                              "checkpoint file")  # fmt: skip
     parser.add_argument("--patch_size", type=int, default=DEMO["patch_size"],
                         help="--model vit: patch size; other than the demo's 8 only from random weights")  # fmt: skip
+    parser.add_argument("--stem", choices=("patch", "conv", "cnn"), default="patch",
+                        help="--model vit: the tokens from the patch projection (the demo encoder's), a convolutional "
+                             "stem or the CNN's first three blocks (random weights, patch 8 only)")  # fmt: skip
     parser.add_argument("--num_train_epochs", type=int, default=DEMO["num_train_epochs"])
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="peak lr; default 1e-3 (cnn) or the demo's step-1 2e-3 (vit)")  # fmt: skip
@@ -56,8 +63,12 @@ def parse_args(argv=None):
     parser.add_argument("--eval_every", type=int, default=5, help="epochs between evaluations (and the last one)")
     parser.add_argument("--output_json", default=None, help="write the settings and every evaluation here")
     args = parser.parse_args(argv)
-    if args.model == "cnn" and (args.backbone != "none" or args.patch_size != DEMO["patch_size"]):
-        parser.error("--backbone and --patch_size are for --model vit only.")
+    vit_only = args.backbone != "none" or args.patch_size != DEMO["patch_size"] or args.stem != "patch"
+    if args.model == "cnn" and vit_only:
+        parser.error("--backbone, --patch_size and --stem are for --model vit only.")
+    if args.stem != "patch" and (args.backbone != "none" or args.patch_size != 8):
+        parser.error(f"--stem {args.stem}: the stem makes patch 8 tokens from random weights; leave out --backbone and "
+                     "--patch_size.")  # fmt: skip
     if args.patch_size != DEMO["patch_size"] and args.backbone != "none":
         parser.error(f"--patch_size {args.patch_size}: backbones are patch {DEMO['patch_size']}; use --backbone none.")
     if args.patch_size < 1 or DEMO["cam_image_size"] % args.patch_size:
@@ -84,8 +95,34 @@ def build_cnn(num_classes):
     return nn.Sequential(*layers)
 
 
-def build_vit(num_classes, backbone, patch_size=DEMO["patch_size"]):
-    """timm's ViT in the demo encoder's shape; weights from `backbone` ('none', 'demo' or a file), head left new."""
+class ConvStem(nn.Module):
+    """Tokens from convolutions, one per 8 x 8 pixels as the patch projection gives, then a 1 x 1 projection to `width`.
+    "conv": three 3 x 3 stride-2 convolutions (batch norm, ReLU; 32-64-128 channels); "cnn": the first three blocks of
+    `build_cnn` (two 3 x 3 convolutions each, max-pooling after each block), which makes the ViT a hybrid."""
+
+    def __init__(self, kind, width, num_classes):
+        super().__init__()
+        if kind == "conv":
+            layers, channels = [], 3
+            for out in (32, 64, 128):
+                layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+                channels = out
+            features = nn.Sequential(*layers)
+        elif kind == "cnn":
+            cnn = build_cnn(num_classes)
+            pools = [index for index, layer in enumerate(cnn) if isinstance(layer, nn.MaxPool2d)]
+            features = cnn[: pools[2] + 1]  # up to the third pooling: 64 px -> 8 x 8, 128 channels
+        else:
+            raise ValueError(f"stem {kind!r}: choose 'conv' or 'cnn'.")
+        self.layers = nn.Sequential(*features, nn.Conv2d(128, width, 1))
+
+    def forward(self, pixel_values):
+        return self.layers(pixel_values).flatten(2).transpose(1, 2)
+
+
+def build_vit(num_classes, backbone, patch_size=DEMO["patch_size"], stem="patch"):
+    """timm's ViT in the demo encoder's shape; weights from `backbone` ('none', 'demo' or a file), head left new;
+    `stem="conv"` or `"cnn"` replaces the patch projection by `ConvStem` (random weights, patch 8)."""
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
@@ -94,6 +131,11 @@ def build_vit(num_classes, backbone, patch_size=DEMO["patch_size"]):
         depth=DEMO["num_hidden_layers"], num_heads=DEMO["num_attention_heads"],
         mlp_ratio=DEMO["intermediate_size"] / DEMO["hidden_size"], num_classes=num_classes,
     )  # fmt: skip
+    if stem != "patch":
+        if backbone != "none" or patch_size != 8:
+            raise ValueError(f"stem={stem!r} makes patch 8 tokens from random weights, got backbone {backbone!r}, "
+                             f"patch_size {patch_size}.")  # fmt: skip
+        model.patch_embed = ConvStem(stem, DEMO["hidden_size"], num_classes)
     if backbone == "none":
         return model, None
     path = DEMO_BACKBONE if backbone == "demo" else backbone
@@ -161,7 +203,7 @@ def probe(args):
     if args.model == "cnn":
         model, backbone = build_cnn(num_classes), None
     else:
-        model, backbone = build_vit(num_classes, args.backbone, args.patch_size)
+        model, backbone = build_vit(num_classes, args.backbone, args.patch_size, args.stem)
     batch_size = DEMO["total_train_batch_size"]
     steps_per_epoch = len(train) // batch_size  # the last partial batch is dropped
     total_steps = args.num_train_epochs * steps_per_epoch

@@ -53,6 +53,24 @@ def test_vit_probe_starts_from_the_demo_backbone_with_a_new_head(script):
     assert finer.patch_embed.grid_size == (16, 16) and finer(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("stem, convolutions", [("conv", 4), ("cnn", 7)])
+def test_vit_probe_with_a_conv_stem_keeps_the_token_grid_and_trains_the_stem(script, stem, convolutions):
+    model, path = script.build_vit(4, "none", stem=stem)
+    plain, _ = script.build_vit(4, "none")
+    pixel_values = torch.randn(2, 3, 64, 64)
+
+    assert path is None and isinstance(model.patch_embed, script.ConvStem)
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in model.patch_embed.modules()) == convolutions
+    tokens = model.patch_embed(pixel_values)
+    assert tokens.shape == plain.patch_embed(pixel_values).shape == (2, 64, 128)  # 8 x 8 tokens of the demo's width
+    loss = model(pixel_values).sum()
+    loss.backward()
+    assert all(parameter.grad is not None for parameter in model.patch_embed.parameters())
+    assert not any(name.startswith("patch_embed.proj") for name in model.state_dict())
+    with pytest.raises(ValueError, match="patch_size 4"):
+        script.build_vit(4, "none", patch_size=4, stem=stem)
+
+
 def test_vit_probe_refuses_a_checkpoint_of_another_shape(script, tmp_path):
     weights = load_file(DEMO_BACKBONE)
     weights["pos_embed"] = torch.zeros(1, 17, weights["pos_embed"].shape[-1])  # a 4 x 4 grid, not the demo's 8 x 8
@@ -67,7 +85,13 @@ def test_vit_probe_refuses_a_checkpoint_of_another_shape(script, tmp_path):
 def test_flags_that_do_not_apply_are_refused(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "cnn", "--backbone", "demo"])
-    assert "--backbone and --patch_size are for --model vit only" in capsys.readouterr().err
+    assert "--backbone, --patch_size and --stem are for --model vit only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "cnn", "--stem", "conv"])
+    assert "are for --model vit only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "vit", "--stem", "conv", "--backbone", "demo"])
+    assert "--stem conv: the stem makes patch 8 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "vit", "--backbone", "demo", "--patch_size", "4"])
     assert "use --backbone none" in capsys.readouterr().err
