@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -383,3 +384,66 @@ def test_every_listener_writing_the_pseudo_label_panels_runs_in_one_queue(tiny_r
     assert all(function.concurrency_id == PANELS_QUEUE and function.concurrency_limit == 1 for function in writers)
     others = [function for function in page.fns.values() if function not in writers]
     assert all(function.concurrency_id != PANELS_QUEUE for function in others)
+
+
+class SlowStepOneApp(App):
+    """The app with every step-1 pass (an upload or a class-threshold change) made 3 s longer, told to the test."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.passes_started, self.passes_done = [], []
+        self.second_started, self.second_done = threading.Event(), threading.Event()
+
+    def cam_note(self, result, names, class_threshold):
+        self.passes_started.append(class_threshold)
+        if len(self.passes_started) == 2:
+            self.second_started.set()
+        time.sleep(3.0)
+        note = super().cam_note(result, names, class_threshold)
+        self.passes_done.append(class_threshold)
+        if len(self.passes_done) == 2:
+            self.second_done.set()
+        return note
+
+
+def test_browser_a_crf_tick_during_a_class_threshold_change_is_shown_last(tiny_run, tmp_path):
+    """In a real browser: the CRF box ticked while a class-threshold change is still computing CAMs. The relabel it
+    triggers waits for that change (one queue) and writes the CRF panel last; run in parallel, it would finish first
+    and the class-threshold change, started with the box unticked, would empty the panel again."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    pytest.importorskip("pydensecrf", reason="the CRF panel needs pydensecrf (the crf extra)")
+    browser_path = chromium_path()
+    if browser_path is None:
+        pytest.skip("needs a chromium browser on PATH (Debian: apt-get install chromium)")
+    from weaktr_hf.app import build_app
+
+    app = SlowStepOneApp(run=tiny_run)
+    page_app = build_app(app)
+    port = free_port()
+    page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    image_path = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image_path)
+    try:
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=browser_path, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#upload input[type=file]").set_input_files(str(image_path))
+            page.locator("#pseudo img").first.wait_for(timeout=120_000)
+            assert app.passes_done and page.locator("#pseudo-crf img").count() == 0  # the box starts unticked
+            number = page.locator("#class-threshold input[type=number]")
+            number.fill("0.05")
+            number.press("Enter")
+            page.locator("#class-threshold input[type=range]").dispatch_event("pointerup")  # the slider's release
+            assert app.second_started.wait(60), "the class-threshold change did not start a step-1 pass"
+            page.get_by_label("also refine with the dense CRF").check()  # while that pass is still running
+            assert app.second_done.wait(60)
+            assert app.passes_started == app.passes_done  # the tick started no step-1 pass of its own
+            page.wait_for_function("() => { const i = document.querySelector('#pseudo-crf img'); return i && "
+                                   "i.complete && i.naturalWidth > 0 && !document.querySelector('.pending'); }",
+                                   timeout=60_000)  # fmt: skip
+            time.sleep(1.0)  # nothing left to overwrite it: the panel is still there a moment later
+            assert page.locator("#pseudo-crf img").count() == 1
+            browser.close()
+    finally:
+        page_app.close()
