@@ -150,7 +150,8 @@ def main(argv=None):
     dataset = recipe.load_data(args)
     class_names = ["background", *recipe.get_class_names(dataset)]
     pseudo_labels = os.path.join(args.output_dir, "pseudo_labels")
-    train = pseudo_label_dataset(recipe.split(dataset, args.train_split), pseudo_labels)
+    train_split = recipe.split(dataset, args.train_split)
+    train = pseudo_label_dataset(train_split, pseudo_labels)
     val = recipe.split(dataset, args.val_split)
     val = val if recipe.has_masks(val) else None  # scored against the truth only where it has masks
     model = WeakTrForSemanticSegmentation.from_pretrained(os.path.join(args.output_dir, "seg")).eval()
@@ -162,12 +163,12 @@ def main(argv=None):
                    "training": probe.summary(steps_per_epoch) if probe.rows else None,
                    "seg_val_miou_ms_flip": results.get("seg_val_miou_ms_flip"),
                    "seg_val_per_class_iou": results.get("seg_val_per_class_iou")}  # fmt: skip
-    if recipe.has_masks(recipe.split(dataset, args.train_split)):  # the pseudo-labels against the truth, per class
-        scores = evaluate_pseudo_labels(recipe.split(dataset, args.train_split), pseudo_labels, len(class_names))
+    if recipe.has_masks(train_split):  # the pseudo-labels against the truth, per class
+        scores = evaluate_pseudo_labels(train_split, pseudo_labels, len(class_names))
         diagnostics["pseudo_label_train_miou"] = scores["mean_iou"]
         diagnostics["pseudo_label_train_per_class_iou"] = dict(zip(class_names, scores["per_category_iou"].tolist()))
         diagnostics["patch_grid"] = patch_grid_ceilings(
-            recipe.split(dataset, args.train_split), val, pseudo_labels,
+            train_split, val, pseudo_labels,
             len(class_names), model.config.patch_size, tuple(args.eval_scales),
         )  # fmt: skip
     if val is not None:  # the eval stage's passes, each image told its own classes

@@ -40,6 +40,7 @@ from weaktr_hf.data.transforms import CAMTrainTransform
 from weaktr_hf.recipes import DEMO_BACKBONE, PRESETS
 
 DEMO = PRESETS["demo"]
+STEM_PATCH_SIZE = 8  # `ConvStem` halves the input three times: one token per 8 x 8 pixels
 
 
 def parse_args(argv=None):
@@ -66,9 +67,9 @@ def parse_args(argv=None):
     vit_only = args.backbone != "none" or args.patch_size != DEMO["patch_size"] or args.stem != "patch"
     if args.model == "cnn" and vit_only:
         parser.error("--backbone, --patch_size and --stem are for --model vit only.")
-    if args.stem != "patch" and (args.backbone != "none" or args.patch_size != 8):
-        parser.error(f"--stem {args.stem}: the stem makes patch 8 tokens from random weights; leave out --backbone and "
-                     "--patch_size.")  # fmt: skip
+    if args.stem != "patch" and (args.backbone != "none" or args.patch_size != STEM_PATCH_SIZE):
+        parser.error(f"--stem {args.stem}: the stem makes patch {STEM_PATCH_SIZE} tokens from random weights; leave "
+                     "out --backbone and --patch_size.")  # fmt: skip
     if args.patch_size != DEMO["patch_size"] and args.backbone != "none":
         parser.error(f"--patch_size {args.patch_size}: backbones are patch {DEMO['patch_size']}; use --backbone none.")
     if args.patch_size < 1 or DEMO["cam_image_size"] % args.patch_size:
@@ -132,9 +133,9 @@ def build_vit(num_classes, backbone, patch_size=DEMO["patch_size"], stem="patch"
         mlp_ratio=DEMO["intermediate_size"] / DEMO["hidden_size"], num_classes=num_classes,
     )  # fmt: skip
     if stem != "patch":
-        if backbone != "none" or patch_size != 8:
-            raise ValueError(f"stem={stem!r} makes patch 8 tokens from random weights, got backbone {backbone!r}, "
-                             f"patch_size {patch_size}.")  # fmt: skip
+        if backbone != "none" or patch_size != STEM_PATCH_SIZE:
+            raise ValueError(f"stem={stem!r} makes patch {STEM_PATCH_SIZE} tokens from random weights, got backbone "
+                             f"{backbone!r}, patch_size {patch_size}.")  # fmt: skip
         model.patch_embed = ConvStem(stem, DEMO["hidden_size"], num_classes)
     if backbone == "none":
         return model, None

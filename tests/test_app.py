@@ -349,6 +349,11 @@ def test_browser_upload_threshold_slider_and_run_browser(server, tiny_run, tmp_p
                                                                  "try_threshold_0.1.png", "try_threshold_0.9.png"]
 
 
+def block_labels(page):
+    """Each block's id on the page to its label (None for a block without one)."""
+    return {block._id: getattr(block, "label", None) for block in page.blocks.values()}
+
+
 def test_pseudo_label_controls_share_one_listener_so_the_last_change_writes_last(tiny_run):
     """The threshold, the CAM choice and the CRF box relabel through one listener (run in order, the last trigger's
     values last): with one listener each, an older relabel could finish after a newer one and overwrite its panels."""
@@ -356,7 +361,7 @@ def test_pseudo_label_controls_share_one_listener_so_the_last_change_writes_last
     from weaktr_hf.app import build_app
 
     page = build_app(App(run=tiny_run))
-    labels = {block._id: getattr(block, "label", None) for block in page.blocks.values()}
+    labels = block_labels(page)
     controls = {"background threshold", "CAM behind the pseudo-label", "also refine with the dense CRF"}
     relabels = [dependency for dependency in page.config["dependencies"]
                 if {labels.get(target) for target, _ in dependency["targets"]} & controls]  # fmt: skip
@@ -377,7 +382,7 @@ def test_every_listener_writing_the_pseudo_label_panels_runs_in_one_queue(tiny_r
     page = build_app(App(run=tiny_run))
     crf_panel = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "pseudo-crf")
     writers = [function for function in page.fns.values() if crf_panel in function.outputs]
-    labels = {block._id: getattr(block, "label", None) for block in page.blocks.values()}
+    labels = block_labels(page)
     triggers = {(labels.get(target), event) for function in writers for target, event in function.targets}
     assert {("background threshold", "release"), ("also refine with the dense CRF", "change")} <= triggers
     assert {event for _, event in triggers} >= {"upload", "release", "change"} and len(writers) == 3

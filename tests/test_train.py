@@ -43,6 +43,13 @@ def script():
     return load_script()
 
 
+def copy_run_outputs(output_dir, destination, names=("cam", "pseudo_labels", "seg")):
+    """A new run folder holding only these outputs of a finished run (a stage or a script rerun from them)."""
+    for name in names:
+        shutil.copytree(output_dir / name, destination / name)
+    return destination
+
+
 @pytest.fixture(scope="module")
 def finished_run(script, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run")
@@ -118,9 +125,7 @@ def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_
     """Each stage starts from the seed: step 2 rerun on its own (from the run's step-1 model and pseudo-labels) gives
     the whole run's segmenter bit for bit, decoder initialisation included."""
     output_dir, _ = finished_run
-    rerun = tmp_path / "rerun"
-    for name in ("cam", "pseudo_labels", "pseudo_labels_nocrf"):
-        shutil.copytree(output_dir / name, rerun / name)
+    rerun = copy_run_outputs(output_dir, tmp_path / "rerun", ("cam", "pseudo_labels", "pseudo_labels_nocrf"))
     script.main(["--output_dir", str(rerun), "--stage", "seg", *TINY])
     whole = WeakTrForSemanticSegmentation.from_pretrained(output_dir / "seg").state_dict()
     alone = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg").state_dict()
@@ -131,9 +136,7 @@ def test_stage_seg_alone_trains_the_segmenter_of_the_whole_run(script, finished_
 def test_eval_warns_when_the_segmenter_never_predicts_a_class_its_pseudo_labels_hold(script, finished_run, tmp_path,
                                                                                     capsys, caplog):
     output_dir, _ = finished_run
-    rerun = tmp_path / "rerun"
-    for name in ("cam", "pseudo_labels", "seg"):
-        shutil.copytree(output_dir / name, rerun / name)
+    rerun = copy_run_outputs(output_dir, tmp_path / "rerun")
     model = WeakTrForSemanticSegmentation.from_pretrained(rerun / "seg")
     with torch.no_grad():  # the class LayerNorm gives only its bias: background everywhere
         model.decoder.mask_norm.weight.zero_()
@@ -163,9 +166,7 @@ def test_diagnose_step2_reports_what_the_patch_grid_leaves_of_the_labels(finishe
     from weaktr_hf.diagnostics import patch_grid_miou
 
     output_dir, _ = finished_run
-    rerun = tmp_path / "rerun"
-    for name in ("cam", "pseudo_labels", "seg"):
-        shutil.copytree(output_dir / name, rerun / name)
+    rerun = copy_run_outputs(output_dir, tmp_path / "rerun")
     diagnostics = load_example("diagnose_step2.py", "diagnose_step2").main(["--diagnose_only", "--output_dir",
                                                                             str(rerun), *TINY])  # fmt: skip
     found = diagnostics["patch_grid"]
@@ -194,19 +195,16 @@ def test_diagnose_step2_scores_the_segmenter_as_the_eval_stage_did(script, finis
     decoder's weight, which the demo leaves off): its fit report equals the eval stage's on the same segmenter, and
     its told pass gets the same window, sizes and aux weight."""
     output_dir, _ = finished_run
-    rerun = tmp_path / "rerun"
-    for name in ("cam", "pseudo_labels", "seg"):
-        shutil.copytree(output_dir / name, rerun / name)
+    rerun = copy_run_outputs(output_dir, tmp_path / "rerun")
     flags = [*TINY, "--eval_base_size", "40", "--eval_aux_weight", "0.5", "--fit_report_samples", "6"]
     results = script.main(["--stage", "eval", "--output_dir", str(rerun), *flags])
     module = load_example("diagnose_step2.py", "diagnose_step2")
-    calls = []
+    module_evaluate, calls = module.evaluate_segmentation, []
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return module_evaluate(*args, **kwargs)
 
-    module_evaluate = module.evaluate_segmentation
     monkeypatch.setattr(module, "evaluate_segmentation", recording)
     diagnostics = module.main(["--diagnose_only", "--output_dir", str(rerun), *flags])
 
