@@ -76,6 +76,27 @@ def test_interrupted_run_resumes_to_the_same_weights(script, tmp_path, monkeypat
     assert not (tmp_path / "resumed" / "pretraining_state.pt").exists()
 
 
+def test_batches_drawn_by_worker_processes_give_the_same_weights(script, tmp_path):
+    record = script.main(["--output_dir", str(tmp_path / "one"), *TINY])
+    workers = script.main(["--output_dir", str(tmp_path / "workers"), "--num_workers", "2", *TINY])
+
+    one, other = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "workers"))
+    assert all(torch.equal(one[key], other[key]) for key in one)
+    assert record["settings"]["device"] == workers["settings"]["device"] == "cpu"
+    assert workers["settings"]["num_workers"] == 2
+    assert "on cpu with 1 intra-op thread(s)" in (tmp_path / "workers" / "README.md").read_text()
+
+
+def test_device_and_workers_are_checked(script, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.parse_args([]).device == "cpu"  # auto: the CPU where torch sees no GPU
+    for flags, message in ((["--device", "cuda"], "torch sees no GPU here"), (["--device", "tpu9"], "--device 'tpu9'"),
+                           (["--num_workers", "-1"], "--num_workers must be at least 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            script.parse_args(flags)
+        assert message in capsys.readouterr().err
+
+
 def test_batches_have_consistent_image_and_patch_targets(script):
     args = script.parse_args(["--num_classes", "6", "--batch_size", "8"])
     clouds = script.make_classes(0, 6)
