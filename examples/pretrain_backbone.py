@@ -341,9 +341,7 @@ def evaluate(backbone, patch_head, val_batches):
     scores) and the accuracy of the patch head on patches that are mostly one fractal."""
     backbone.eval()
     found = present = patch_correct = patch_count = 0
-    device = next(backbone.parameters()).device
-    for batch in val_batches:
-        pixels, image_labels, patch_targets = (tensor.to(device) for tensor in batch)
+    for pixels, image_labels, patch_targets in val_batches:
         image_logits, patch_logits = forward(backbone, patch_head, pixels)
         for logits, labels in zip(image_logits, image_labels):
             k = int(labels.sum())
@@ -440,9 +438,10 @@ def main(argv=None):
     state_path = os.path.join(args.output_dir, "pretraining_state.pt")
 
     classes = make_classes(args.seed, args.num_classes, args.data)
-    val_batches = [make_batch(args.seed + 1_000_003, i, classes, args)  # a stream no training batch comes from
-                   for i in range(math.ceil(args.num_val / args.batch_size))]  # fmt: skip
     device = torch.device(args.device)
+    # Held-out batches from a stream no training batch comes from, moved to the device once.
+    val_batches = [tuple(tensor.to(device) for tensor in make_batch(args.seed + 1_000_003, i, classes, args))
+                   for i in range(math.ceil(args.num_val / args.batch_size))]  # fmt: skip
     backbone, patch_head = (module.to(device) for module in build_model(args))
     parameters = list(backbone.parameters()) + list(patch_head.parameters())
     decay = [p for p in parameters if p.ndim >= 2]
@@ -484,7 +483,7 @@ def main(argv=None):
             save_state(state_path, backbone, patch_head, optimizer, done, time.time() - started, history)
 
     wall = time.time() - started
-    save_file({key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()},
+    save_file({key: value.cpu().contiguous() for key, value in backbone.state_dict().items()},
               os.path.join(args.output_dir, "model.safetensors"), metadata={"format": "pt", "layout": "timm"})
     record = {
         "settings": vars(args), "final": history[-1], "history": history, "wall_seconds": round(wall, 1),
