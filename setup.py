@@ -40,8 +40,8 @@ extras_require = {
     # weaktr-app, the local web page (gradio_client comes with gradio).
     "app": ["gradio>=6.0,<7"],
     # parameterized: transformers' common test suite (tests/transformers_test_suite.py) needs it; playwright drives
-    # chromium in tests/test_app.py.
-    "dev": ["pytest>=8.0.0", "parameterized>=0.9.0", "playwright>=1.40"],
+    # chromium in tests/test_app.py; setuptools: tests/test_packaging.py builds the wheel without build isolation.
+    "dev": ["pytest>=8.0.0", "parameterized>=0.9.0", "playwright>=1.40", "setuptools>=70.1"],
 }
 extras_require["all"] = sorted({req for name, reqs in extras_require.items() if name != "dev" for req in reqs})
 
