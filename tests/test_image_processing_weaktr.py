@@ -1,10 +1,13 @@
 """Tests of WeakTrImageProcessor: input modes, segmentation maps, padding, post-processing and CAM pseudo-labels."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging import version
 from PIL import Image
 from transformers import AutoImageProcessor
 
@@ -287,17 +290,41 @@ def test_post_processing_refuses_maps_that_cannot_come_from_the_target_size():
     assert (label_map[:, :40] == 1).all() and (label_map[:, -15:] == 3).all()
 
 
-def test_from_pretrained_takes_the_patch_size_of_the_model_saved_beside_it(tmp_path, caplog):
+def test_saved_beside_a_model_the_processor_file_gets_the_model_patch_size(tmp_path, caplog):
     WeakTrConfig(patch_size=8, image_size=32).save_pretrained(tmp_path)
-    WeakTrImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)  # size_divisor 16
+    processor = WeakTrImageProcessor(size={"height": 32, "width": 32})  # size_divisor 16
+
+    with caplog.at_level("WARNING"):
+        processor.save_pretrained(tmp_path)
+
+    assert processor.size_divisor == 16  # the caller's object is left as it is
+    with open(tmp_path / "preprocessor_config.json") as file:
+        assert json.load(file)["size_divisor"] == 8
+    assert "saving a processor with size_divisor 16 beside a model with patch_size 8" in caplog.text
+    assert AutoImageProcessor.from_pretrained(tmp_path).size_divisor == 8
+
+
+def test_a_folder_whose_processor_disagrees_with_its_model_is_fixed_up_on_loading(tmp_path, caplog):
+    """A folder written elsewhere (by hand, or by an older release) with size_divisor 16 beside a patch-8 model."""
+    WeakTrConfig(patch_size=8, image_size=32).save_pretrained(tmp_path)
+    WeakTrImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(tmp_path)
+    processor_file = tmp_path / "preprocessor_config.json"
+    settings = json.loads(processor_file.read_text())
+    processor_file.write_text(json.dumps({**settings, "size_divisor": 16}))
 
     with caplog.at_level("WARNING"):
         loaded = WeakTrImageProcessor.from_pretrained(tmp_path)
         auto = AutoImageProcessor.from_pretrained(tmp_path)
 
-    assert loaded.size_divisor == auto.size_divisor == 8
+    assert loaded.size_divisor == 8
     assert "has size_divisor 16 but the model saved with it has patch_size 8" in caplog.text
     assert WeakTrImageProcessor.from_pretrained(tmp_path, size_divisor=4).size_divisor == 4
+    if version.parse(transformers.__version__) < version.parse("5.25.0"):
+        assert auto.size_divisor == 8  # the Auto class loads through WeakTrImageProcessor.from_pretrained
+    else:  # the Auto class builds from the saved settings alone: no fix-up, and post-processing says what is wrong
+        assert auto.size_divisor == 16
+        with pytest.raises(ValueError, match="size_divisor=model.config.patch_size"):
+            auto.post_process_semantic_segmentation(SimpleNamespace(logits=torch.zeros(1, 2, 4, 4)), [(32, 32)])
 
 
 def test_target_sizes_must_match_the_batch():

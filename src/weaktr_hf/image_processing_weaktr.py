@@ -371,7 +371,12 @@ class WeakTrImageProcessor(TorchvisionBackend):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load as transformers does; a `size_divisor` that disagrees with the patch size of the model saved beside it
-        (its `config.json`) is replaced by that patch size, with a warning, since post-processing depends on it."""
+        (its `config.json`) is replaced by that patch size, with a warning, since post-processing depends on it.
+
+        `AutoImageProcessor` (and so `pipeline`) goes through this method up to transformers 5.24; from 5.25 it builds
+        the processor from its saved settings alone (`from_dict`), so there a disagreeing folder is not fixed up and
+        post-processing raises an error that names it. `save_pretrained` never writes such a folder.
+        """
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if "size_divisor" in kwargs:
             return processor
@@ -407,6 +412,10 @@ class WeakTrImageProcessor(TorchvisionBackend):
         `preprocessor_config.json` keeps no class name, so transformers finds the processor through the config. An
         `auto_map` in `preprocessor_config.json` itself would make transformers derive a video processor from it and
         ask to run remote code even with the package installed.
+
+        Saved beside a model whose patch size differs from `size_divisor`, the file gets the patch size (with a
+        warning; this processor is left as it is), since post-processing maps each output cell to `size_divisor`
+        pixels.
         """
         saved = super().save_pretrained(save_directory, *args, **kwargs)
         config_file = os.path.join(save_directory, "config.json")
@@ -426,6 +435,15 @@ class WeakTrImageProcessor(TorchvisionBackend):
         with open(processor_file, encoding="utf-8") as file:
             processor_config = json.load(file)
         processor_config.pop("image_processor_type", None)
+        patch_size = config.get("patch_size")
+        if isinstance(patch_size, int) and processor_config.get("size_divisor") != patch_size:
+            logger.warning(
+                "saving a processor with size_divisor %s beside a model with patch_size %d in %s; its "
+                "preprocessor_config.json gets size_divisor=%d (post-processing maps each output cell to size_divisor "
+                "pixels).",
+                processor_config.get("size_divisor"), patch_size, save_directory, patch_size,
+            )  # fmt: skip
+            processor_config["size_divisor"] = patch_size
         with open(processor_file, "w", encoding="utf-8") as file:
             json.dump(processor_config, file, indent=2, sort_keys=True)
             file.write("\n")
