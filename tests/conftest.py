@@ -1,6 +1,9 @@
 """Shared test helpers: tiny WeakTr configs and inputs, so each model test runs in a fraction of a second."""
 
 import importlib.util
+import os
+import site
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,21 @@ from weaktr_hf import WeakTrConfig
 from weaktr_hf.labels import foreground_id2label, segmentation_id2label
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def import_path_without_weaktr():
+    """The parent's import path minus the current directory, `src` checkouts, editable-install hooks, and Hugging
+    Face module caches (another cache's `transformers_modules` would shadow the subprocess's own)."""
+    kept = []
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry) or "__editable__" in entry:
+            continue
+        if os.path.isdir(os.path.join(entry, "transformers_modules")):
+            continue
+        if os.path.isdir(os.path.join(entry, "weaktr_hf")) and entry not in site.getsitepackages():
+            continue
+        kept.append(os.path.abspath(entry))
+    return kept
 
 
 def load_example(file_name, module_name):

@@ -16,6 +16,7 @@ import textwrap
 import zipfile
 
 import pytest
+from conftest import import_path_without_weaktr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGING_INPUTS = ("setup.py", "README.md", "LICENSE", "src", "model_cards")
@@ -91,9 +92,9 @@ def test_installed_wheel_finds_its_demo_backbone_and_card_templates_without_the_
                str(wheel)]  # fmt: skip
     installed = subprocess.run(command, capture_output=True, text=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    # The parent's import path (for torch, transformers, ...) minus every entry that holds a weaktr_hf source tree;
+    # The parent's import path (for torch, transformers, ...) without the source tree, the wheel's folder first;
     # -I -S: no PYTHONPATH, no current directory, no .pth files (an editable install works through one).
-    paths = [path for path in sys.path if path and not os.path.isdir(os.path.join(path, "weaktr_hf"))]
+    paths = import_path_without_weaktr()
     child = subprocess.run([sys.executable, "-I", "-S", "-c", CHILD, str(target), json.dumps(paths)],
                            capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert child.returncode == 0, child.stdout + child.stderr

@@ -10,7 +10,6 @@ the name outright in case the package was installed into site-packages itself.
 
 import json
 import os
-import site
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ import pytest
 import torch
 from transformers import pipeline
 
+from conftest import import_path_without_weaktr
 from weaktr_hf import WeakTrForCAM, WeakTrForSemanticSegmentation
 from weaktr_hf.image_processing_weaktr import evaluation_processor
 
@@ -98,21 +98,6 @@ CHILD = textwrap.dedent(
     print(json.dumps(modules + ["weaktr_hf" in sys.modules]))
     """
 )
-
-
-def import_path_without_weaktr():
-    """The parent's import path minus the current directory, `src` checkouts, editable-install hooks, and Hugging
-    Face module caches (another cache's `transformers_modules` would shadow the subprocess's own)."""
-    kept = []
-    for entry in sys.path:
-        if not entry or not os.path.isdir(entry) or "__editable__" in entry:
-            continue
-        if os.path.isdir(os.path.join(entry, "transformers_modules")):
-            continue
-        if os.path.isdir(os.path.join(entry, "weaktr_hf")) and entry not in site.getsitepackages():
-            continue
-        kept.append(os.path.abspath(entry))
-    return kept
 
 
 def test_saved_models_load_with_trust_remote_code_without_the_package(tester, tmp_path):
